@@ -1,0 +1,3 @@
+"""The edgepack version, shared by the builder and the agent."""
+
+__version__ = "0.1.0"

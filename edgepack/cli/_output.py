@@ -1,0 +1,64 @@
+"""Output helpers shared by both CLIs: one-line errors, JSON or human output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import typer
+
+from edgepack.errors import EdgepackError
+
+
+def run_cli(app: typer.Typer, prog: str, argv: list[str]) -> int:
+    """Run a typer app, turning our errors into one line and an exit code.
+
+    Typer's own usage errors keep click's exit code 2. Anything else that
+    escapes is a bug; it is reported in one line too, never as a traceback.
+    """
+    try:
+        app(args=argv, prog_name=prog, standalone_mode=False)
+    except EdgepackError as exc:
+        typer.echo(f"{prog}: error: {exc.diagnostics()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click.exceptions.Abort:
+        typer.echo(f"{prog}: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo(f"{prog}: interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug: still one line, with what to report
+        typer.echo(
+            f"{prog}: internal error: {type(exc).__name__}: {exc} "
+            "(this is a bug; set EDGEPACK_DEBUG=1 for a traceback)",
+            err=True,
+        )
+        if _debug():
+            raise
+        return 1
+    return 0
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("EDGEPACK_DEBUG") == "1"
+
+
+def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
+    """Print ``data`` as JSON when asked, else call the human renderer."""
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    else:
+        human()
+
+
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
