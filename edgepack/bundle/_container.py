@@ -149,7 +149,12 @@ def read_members(
     offset = 0
     while True:
         handle.seek(offset)
-        member = parse_header(handle.read(BLOCK), offset)
+        block = handle.read(BLOCK)
+        if offset == 0 and (len(block) < BLOCK or block[257:265] != _USTAR_MAGIC):
+            raise BundleFormatError(
+                "not an edgepack bundle (no container header at the start of the file)"
+            )
+        member = parse_header(block, offset)
         if member is None:
             break
         if member.name in seen:

@@ -31,6 +31,7 @@ PAYLOAD = "payload.enc"
 MEMBER_ORDER = (META_ENCRYPTION, PAYLOAD, META_BUNDLE, META_SIGNATURE)
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+PROFILE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z](?:[0-9A-Za-z.+_-]{0,62}[0-9A-Za-z])?$")
 ARCHITECTURES = ("x86_64", "aarch64", "any")
 _PATH_COMPONENT_RE = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -67,6 +68,13 @@ def check_name(name: str) -> str:
             hint="use lowercase letters, digits and dashes, up to 64 characters",
         )
     return name
+
+
+def check_profile(profile: str) -> str:
+    """A hardware profile name: lowercase letters, digits, dashes and underscores."""
+    if not PROFILE_RE.match(profile):
+        raise InvalidInputError(f"invalid hardware profile name {profile!r}")
+    return profile
 
 
 def check_version(version: str) -> str:
@@ -180,7 +188,7 @@ def parse_bundle_json(
         check_name(_require(doc, "name", str, "meta/bundle.json"))
         check_version(_require(doc, "version", str, "meta/bundle.json"))
         profile = doc.get("profile")
-        if profile is not None and (not isinstance(profile, str) or not NAME_RE.match(profile)):
+        if profile is not None and (not isinstance(profile, str) or not PROFILE_RE.match(profile)):
             raise BundleFormatError("meta/bundle.json: bad profile name")
     except InvalidInputError as exc:
         raise BundleFormatError(f"meta/bundle.json: {exc.message}") from None

@@ -36,6 +36,7 @@ from edgepack.bundle.metadata import (
     canonical_json,
     check_name,
     check_payload_path,
+    check_profile,
     check_version,
     hpke_info,
 )
@@ -176,7 +177,7 @@ def pack(
     check_name(name)
     check_version(version)
     if profile is not None:
-        check_name(profile)
+        check_profile(profile)
     arches = sorted(set(architectures)) or ["any"]
     if any(a not in _ARCHES for a in arches):
         raise InvalidInputError(
@@ -210,6 +211,7 @@ def pack(
     fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{final.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o644)  # a bundle is public: its payload is encrypted
         with os.fdopen(fd, "wb", buffering=0) as raw:
             _write_member(raw, META_ENCRYPTION, encryption_bytes)
             raw.write(

@@ -1,0 +1,5 @@
+"""``python -m edgepack.cli`` runs the ``edgepack`` command."""
+
+from edgepack.cli import main
+
+main()
