@@ -12,7 +12,7 @@ import sys
 import typer
 
 from edgepack._version import __version__
-from edgepack.cli import _bundle, _build, _hw, _keys, _repo
+from edgepack.cli import _build, _bundle, _hw, _keys, _repo
 from edgepack.cli._output import run_cli
 
 app = typer.Typer(
@@ -34,7 +34,11 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """Build, sign, encrypt and publish ML models for edge fleets."""
