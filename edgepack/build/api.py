@@ -1,0 +1,443 @@
+"""``build()``: one call from a trained model to verified bundles, one per hardware profile.
+
+All work happens in a private staging directory; OUTDIR receives the bundles
+and the report only once every variant has been converted, quantised,
+validated and packed, so a failed build leaves nothing behind in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgepack.build import healthset, samples, validate
+from edgepack.build._util import sha256_tree, tree_size
+from edgepack.build.convert import Converted, TorchOptions, as_float32, convert
+from edgepack.build.quantize import RECIPES, Evaluator, Metric, Quantizer, Recipe, Target, choose
+from edgepack.build.report import BuildReport, VariantReport
+from edgepack.build.samples import RawSamples, SampleSet
+from edgepack.build.sanitize import sanitize
+from edgepack.errors import InvalidInputError
+from edgepack.hw import HardwareProfile, load_profile
+
+Progress = Callable[[str], None]
+LARGE_MODEL = 1536 * 2**20
+
+
+@dataclass
+class Variant:
+    """A finished model directory for one profile and the metadata ``pack`` records."""
+
+    profile: HardwareProfile
+    model_dir: Path
+    model_info: dict[str, Any]
+    quantization: dict[str, Any]
+    provenance: dict[str, Any]
+    health: dict[str, Any]
+    report: VariantReport
+
+
+@dataclass
+class Staged:
+    """Every variant of a build, before packing."""
+
+    report: BuildReport
+    variants: list[Variant] = field(default_factory=list)
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build` wrote into OUTDIR."""
+
+    bundles: list[Path]
+    report_path: Path
+    report: BuildReport
+
+
+def build(
+    model: Any,
+    *,
+    name: str,
+    version: str,
+    hw: str | Sequence[str],
+    out_dir: str | Path,
+    recipients: Sequence[Any],
+    signer: Any,
+    quantize: str | None = None,
+    min_cosine: float | None = None,
+    max_accuracy_drop: float | None = None,
+    metric: Metric | None = None,
+    min_metric: float | None = None,
+    calibration: RawSamples | None = None,
+    validation: RawSamples | None = None,
+    labels: Any = None,
+    example_inputs: Sequence[Any] = (),
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Convert, quantise, validate and pack ``model`` for each profile in ``hw``.
+
+    ``model`` is a path (.onnx, .pt2, or with ``allow_pickle`` a pickle/joblib
+    file), an ``onnx.ModelProto``, a torch ``nn.Module``/``ExportedProgram``
+    (with ``example_inputs`` and optional ``dynamic_axes``) or a fitted
+    scikit-learn estimator. ``metric(reference_outputs, candidate_outputs)``
+    with ``min_metric`` adds a quality target of your own.
+    """
+    from edgepack.bundle import pack
+    from edgepack.bundle.metadata import check_name, check_version
+
+    check_name(name)
+    check_version(version)
+    if not recipients:
+        raise InvalidInputError("a build needs at least one recipient", hint="pass --recipient PUB")
+    out = Path(out_dir)
+    note = progress or (lambda _: None)
+    with tempfile.TemporaryDirectory(prefix="edgepack-build-") as scratch:
+        work = Path(scratch)
+        staged = build_variants(
+            model,
+            hw=hw,
+            workdir=work,
+            quantize=quantize,
+            min_cosine=min_cosine,
+            max_accuracy_drop=max_accuracy_drop,
+            metric=metric,
+            min_metric=min_metric,
+            calibration=calibration,
+            validation=validation,
+            labels=labels,
+            example_inputs=example_inputs,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            allow_pickle=allow_pickle,
+            progress=progress,
+        )
+        staged.report.name, staged.report.version = name, version
+        bundles_dir = work / "bundles"
+        bundles_dir.mkdir()
+        written: list[Path] = []
+        for variant in staged.variants:
+            note(f"packing {variant.profile.name}")
+            result = pack(
+                variant.model_dir,
+                bundles_dir,
+                name=name,
+                version=version,
+                recipients=recipients,
+                signer=signer,
+                profile=variant.profile.name,
+                architectures=[variant.profile.architecture],
+                model_info=variant.model_info,
+                quantization=variant.quantization,
+                provenance=variant.provenance,
+                health=variant.health,
+            )
+            variant.report.bundle = result.path.name
+            written.append(result.path)
+        report_file = bundles_dir / f"{name}-{version}.build-report.json"
+        report_file.write_text(json.dumps(staged.report.as_dict(), indent=2, sort_keys=True) + "\n")
+        moved = _publish([*written, report_file], out)
+    return BuildResult(moved[:-1], moved[-1], staged.report)
+
+
+def _publish(files: list[Path], out: Path) -> list[Path]:
+    """Move finished files into OUTDIR; on any failure remove what was already moved."""
+    out.mkdir(parents=True, exist_ok=True)
+    moved: list[Path] = []
+    try:
+        for source in files:
+            target = out / source.name
+            partial = out / f".{source.name}.partial"
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
+            moved.append(target)
+    except OSError as exc:
+        for path in [*moved, *(out / f".{f.name}.partial" for f in files)]:
+            path.unlink(missing_ok=True)
+        raise InvalidInputError(f"cannot write into {out}: {exc}") from exc
+    return moved
+
+
+def build_variants(
+    model: Any,
+    *,
+    hw: str | Sequence[str],
+    workdir: Path,
+    quantize: str | None = None,
+    min_cosine: float | None = None,
+    max_accuracy_drop: float | None = None,
+    metric: Metric | None = None,
+    min_metric: float | None = None,
+    calibration: RawSamples | None = None,
+    validation: RawSamples | None = None,
+    labels: Any = None,
+    example_inputs: Sequence[Any] = (),
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Staged:
+    """Build a finished model directory per profile under ``workdir`` (no packing)."""
+    note = progress or (lambda _: None)
+    profiles = [load_profile(n) for n in ([hw] if isinstance(hw, str) else list(hw))]
+    if not profiles:
+        raise InvalidInputError("no hardware profile given", hint="pass --hw PROFILE")
+    if quantize is not None and quantize not in RECIPES:
+        raise InvalidInputError(
+            f"unknown recipe {quantize!r}", hint=f"use one of {', '.join(RECIPES)}"
+        )
+    if min_metric is not None and metric is None:
+        raise InvalidInputError("min_metric needs a metric function")
+    raw_validation = samples.read_raw(validation, "validation") if validation is not None else None
+    raw_calibration = (
+        samples.read_raw(calibration, "calibration") if calibration is not None else None
+    )
+
+    note("converting to ONNX")
+    first = raw_validation or raw_calibration
+    converted = convert(
+        model,
+        workdir,
+        allow_pickle=allow_pickle,
+        torch_options=TorchOptions(tuple(example_inputs), input_names, output_names, dynamic_axes),
+        sample=as_float32(first[0][0]) if first else None,
+    )
+    fp32 = converted.path
+    note("checking the fp32 model")
+    validate.check_model(fp32)
+    inputs, outputs = validate.model_io(fp32)
+    if not converted.source_digest:
+        converted.source_digest = sha256_tree(_model_files(fp32), fp32.parent)
+    label_array = None if labels is None else np.asarray(labels)
+    valid_set = _bind(raw_validation, inputs, "validation", label_array)
+    calib_set = _bind(raw_calibration, inputs, "calibration", None)
+    if valid_set is None:
+        valid_set = calib_set or _example_set(converted, inputs) or samples.synthetic(inputs)
+    classifier = converted.classifier or any(o.dtype.startswith("int") for o in outputs)
+    classifier = classifier or valid_set.labels is not None
+
+    fp32_session = validate.open_session(fp32, ["CPUExecutionProvider"])
+    reference = validate.run(fp32_session, valid_set.batches)
+    conversion = _conversion_parity(converted, valid_set, reference, classifier)
+    fp32_latency = validate.latency_ms(fp32_session, valid_set.batches[0])
+    del fp32_session
+    report = BuildReport(
+        name="",
+        version="",
+        source=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+        converter=converted.converter,
+        provenance=_provenance(converted),
+        inputs=[i.as_dict() for i in inputs],
+        outputs=[o.as_dict() for o in outputs],
+        validation={
+            "origin": valid_set.origin,
+            "samples": valid_set.count,
+            "batches": len(valid_set.batches),
+            "labels": valid_set.labels is not None,
+        },
+        conversion_quality=conversion.as_dict() if conversion else None,
+        notes=list(converted.notes),
+    )
+    staged = Staged(report)
+    quantizers: dict[bool, Quantizer] = {}
+    for profile in profiles:
+        kind = quantize or profile.quantization.recipe
+        calib = calib_set
+        if kind == "static" and calib is None:
+            calib = valid_set
+            report.notes.append("static calibration used the validation data (no --calibration)")
+        quantizer = quantizers.setdefault(
+            calib is not None, Quantizer(fp32, workdir / f"q{len(quantizers)}", calib)
+        )
+        quantizer.workdir.mkdir(exist_ok=True)
+        target = _target(profile, min_cosine, max_accuracy_drop, metric, min_metric)
+        evaluator = Evaluator(valid_set, reference, classifier, profile.execution_providers, target)
+        note(f"{profile.name}: quantising ({kind})")
+        q = profile.quantization
+        base = Recipe(kind, q.per_channel, q.weight_type, q.activation_type, q.reduce_range)
+        choice = choose(kind, base, quantizer, evaluator, _prefixed(note, profile.name))
+        note(f"{profile.name}: validating")
+        variant_dir = workdir / "variants" / profile.name
+        staged.variants.append(
+            _finish(
+                profile, choice, evaluator, variant_dir, valid_set, fp32, fp32_latency, converted
+            )
+        )
+        staged.variants[-1].report.notes.extend(quantizer.notes)
+        report.variants.append(staged.variants[-1].report)
+    return staged
+
+
+def _prefixed(note: Progress, prefix: str) -> Progress:
+    def tell(step: str) -> None:
+        note(f"{prefix}: {step}")
+
+    return tell
+
+
+def _bind(raw: Any, inputs: list[samples.TensorSpec], what: str, labels: Any) -> SampleSet | None:
+    if raw is None:
+        return None
+    batches, file_labels, origin = raw
+    return samples.bind(
+        batches, labels if labels is not None else file_labels, origin, inputs, what
+    )
+
+
+def _example_set(converted: Converted, inputs: list[samples.TensorSpec]) -> SampleSet | None:
+    if converted.example is None:
+        return None
+    return samples.bind([converted.example], None, "the example inputs", inputs, "example")
+
+
+def _target(
+    profile: HardwareProfile,
+    min_cosine: float | None,
+    max_accuracy_drop: float | None,
+    metric: Metric | None,
+    min_metric: float | None,
+) -> Target:
+    """The user's targets; the profile's ``min_cosine`` when the user gave none."""
+    if min_cosine is None and max_accuracy_drop is None and metric is None:
+        min_cosine = profile.quantization.min_cosine
+    for label, value in (("min_cosine", min_cosine), ("max_accuracy_drop", max_accuracy_drop)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise InvalidInputError(f"{label} must lie between 0 and 1, not {value}")
+    return Target(min_cosine, max_accuracy_drop, metric, min_metric)
+
+
+def _conversion_parity(
+    converted: Converted, valid: SampleSet, reference: validate.Outputs, classifier: bool
+) -> validate.Parity | None:
+    """Check the fp32 ONNX against the source model (torch, scikit-learn) on the samples."""
+    if converted.reference is None:
+        return None
+    source = [converted.reference(batch) for batch in valid.batches]
+    result = validate.parity(source, reference, valid.labels, classifier)
+    agreement = result.top1_agreement if result.top1_agreement is not None else 1.0
+    if result.mean_cosine < 0.999 or agreement < 0.99:
+        raise InvalidInputError(
+            f"the ONNX conversion ({converted.converter}) disagrees with the source model: mean "
+            f"cosine {result.mean_cosine:.5f}, top-1 agreement {agreement:.4f}",
+            hint="report this model to the converter's authors, or convert it to ONNX yourself",
+        )
+    return result
+
+
+def _provenance(converted: Converted) -> dict[str, Any]:
+    return {
+        "source_digest": converted.source_digest,
+        "converter": converted.converter,
+        "tools": converted.tools,
+    }
+
+
+def _model_files(path: Path) -> list[Path]:
+    return [p for p in path.parent.rglob("*") if p.is_file()]
+
+
+def _finish(
+    profile: HardwareProfile,
+    choice: Any,
+    evaluator: Evaluator,
+    variant_dir: Path,
+    valid: SampleSet,
+    fp32: Path,
+    fp32_latency: float,
+    converted: Converted,
+) -> Variant:
+    """Write the final model directory, validate it on the profile's runtime, record health."""
+    trial = choice.trial
+    model_path = finalize(trial.path, variant_dir)
+    validate.check_model(model_path)
+    before = validate.rss_mb()
+    session = validate.open_session(model_path, profile.execution_providers)
+    validate.run(session, valid.batches[:1])
+    memory = max(0.0, validate.rss_mb() - before)
+    latency = validate.latency_ms(session, valid.batches[0])
+    health = healthset.write(
+        variant_dir,
+        session,
+        samples.head(valid, healthset.ROWS_PER_CASE, healthset.CASES),
+        trial.parity,
+        profile,
+    )
+    inputs, outputs = validate.model_io(model_path)
+    recipe: Recipe = trial.recipe
+    quality = trial.parity.as_dict()
+    quantization = {
+        "recipe": recipe.kind,
+        "parameters": recipe.parameters(),
+        "excluded_nodes": list(recipe.exclude),
+        "quality": quality,
+        "target": evaluator.target.describe(),
+        "reason": choice.reason,
+    }
+    report = VariantReport(
+        profile=profile.name,
+        architecture=profile.architecture,
+        recipe=recipe.kind,
+        recipe_label=recipe.label(),
+        parameters=recipe.parameters(),
+        excluded_nodes=list(recipe.exclude),
+        reason=choice.reason,
+        target=evaluator.target.describe(),
+        quality=quality,
+        size_bytes=tree_size(variant_dir) - (variant_dir / healthset.FILE).stat().st_size,
+        fp32_size_bytes=tree_size(fp32.parent),
+        latency_ms=round(latency, 3),
+        fp32_latency_ms=round(fp32_latency, 3),
+        memory_mb=round(memory, 1),
+        health=health,
+        tried=[t.summary() for t in evaluator.trials],
+        sensitivity=[{"node": n, "loss": round(loss, 6)} for n, loss in choice.sensitivity],
+    )
+    return Variant(
+        profile=profile,
+        model_dir=variant_dir,
+        model_info={
+            "path": "model.onnx",
+            "inputs": [i.as_dict() for i in inputs],
+            "outputs": [o.as_dict() for o in outputs],
+        },
+        quantization=quantization,
+        provenance=_provenance(converted),
+        health=health,
+        report=report,
+    )
+
+
+def finalize(source: Path, target_dir: Path) -> Path:
+    """Copy a candidate into a clean model directory, stripped of build-machine details.
+
+    Weights go to one ``model.onnx.data`` side file only when the model is too
+    big for a single protobuf file.
+    """
+    model = onnx.load(str(source))
+    sanitize(model)
+    target_dir.mkdir(parents=True)
+    target = target_dir / "model.onnx"
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > LARGE_MODEL
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    return target
