@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any
 
 import typer
 
+from device_agent import config as config_mod
 from edgepack._version import __version__
-from edgepack.cli._output import run_cli
+from edgepack.cli._output import JSON_OPTION, emit, run_cli
 
 app = typer.Typer(
     name="edgepack-agent",
@@ -16,6 +19,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+)
+
+DATA_DIR_OPTION = typer.Option(
+    None,
+    "--data-dir",
+    envvar="EDGEPACK_DATA_DIR",
+    help="The agent's data directory (default /var/lib/edgepack).",
 )
 
 
@@ -28,10 +38,159 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """Install and run edgepack models on this device, safely."""
+
+
+def _agent(data_dir: Path | None) -> Any:
+    from device_agent.agent import Agent
+
+    return Agent(config_mod.load(config_mod.resolve_data_dir(data_dir)))
+
+
+@app.command()
+def enroll(
+    repo_url: str = typer.Option(..., "--repo-url", help="Repository URL, or a directory copy."),
+    root: Path = typer.Option(..., "--root", help="The repository's trusted root.json."),
+    model: list[str] = typer.Option([], "--model", help="A model to follow (repeatable)."),
+    channel: str = typer.Option("stable", "--channel", help="stable, candidate, beta or edge."),
+    cohort: str = typer.Option("", "--cohort", help="Rollout cohort of this device."),
+    profile: str = typer.Option("auto", "--profile", help="Hardware profile, or auto."),
+    trust: Path | None = typer.Option(None, "--trust", help="Producer trust policy or .pub."),
+    recipient_key: Path | None = typer.Option(
+        None, "--recipient-key", help="Use this X25519 key instead of generating one."
+    ),
+    data_dir: Path | None = DATA_DIR_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Pin the trusted root, make the device key, write the configuration."""
+    from device_agent.enroll import enroll as do_enroll
+
+    result = do_enroll(
+        config_mod.resolve_data_dir(data_dir),
+        repo_url=repo_url,
+        root=root,
+        models=model,
+        channel=channel,
+        cohort=cohort,
+        profile=profile,
+        trust=trust,
+        recipient_key=recipient_key,
+    )
+    data = {
+        "device_id": result.device_id,
+        "public_key": str(result.public_key),
+        "config": str(result.config_path),
+    }
+
+    def human() -> None:
+        typer.echo(f"device id:  {result.device_id}")
+        typer.echo(f"public key: {result.public_key}")
+
+    emit(data, as_json, human)
+
+
+@app.command()
+def run(
+    once: bool = typer.Option(False, "--once", help="Poll once and exit."),
+    data_dir: Path | None = DATA_DIR_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Poll the repository and keep the followed models up to date."""
+    from device_agent import loop
+
+    agent = _agent(data_dir)
+    if not once:
+        loop.run(agent)
+        return
+    outcomes = loop.poll_once(agent)
+    data = [vars(o) for o in outcomes]
+
+    def human() -> None:
+        for o in outcomes:
+            extra = f" ({o.error})" if o.error else ""
+            typer.echo(f"{o.model}: {o.action} {o.revision or '-'}{extra}")
+
+    emit(data, as_json, human)
+
+
+@app.command()
+def status(data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Show what each model runs, the last check and the last error."""
+    from device_agent import status as status_mod
+
+    data = config_mod.resolve_data_dir(data_dir)
+    config_mod.load(data)
+    doc = status_mod.load(data)
+
+    def human() -> None:
+        typer.echo(f"device {doc.get('device_id', '?')}  stale: {doc.get('stale', False)}")
+        for name, m in sorted(doc.get("models", {}).items()):
+            err = f"  error: {m['last_error']}" if m.get("last_error") else ""
+            typer.echo(f"{name}: {m.get('version') or '-'} ({m.get('state')}){err}")
+
+    emit(doc, as_json, human)
+
+
+@app.command("list")
+def list_revisions(
+    name: str | None = typer.Argument(None, help="One model (default: all followed)."),
+    data_dir: Path | None = DATA_DIR_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List installed revisions and their states."""
+    agent = _agent(data_dir)
+    names = [name] if name else agent.config.models
+    data = {n: agent.revisions(n) for n in names}
+
+    def human() -> None:
+        for n, revs in data.items():
+            for r in revs:
+                flags = [k for k in ("active", "known_good", "revoked") if r[k]]
+                typer.echo(f"{n} {r['revision']}  {' '.join(flags)}")
+
+    emit(data, as_json, human)
+
+
+def _verdict(name: str, data_dir: Path | None, as_json: bool, action: str) -> None:
+    from device_agent.agent import locked
+
+    agent = _agent(data_dir)
+    with locked(agent.data):
+        revision = getattr(agent, action)(name)
+    emit(
+        {"model": name, "revision": revision, "action": action},
+        as_json,
+        lambda: typer.echo(f"{name}: {action} -> {revision}"),
+    )
+
+
+@app.command()
+def revert(name: str, data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """Go back to the previous known-good revision (not retried until a newer release)."""
+    _verdict(name, data_dir, as_json, "revert")
+
+
+@app.command()
+def confirm(
+    name: str, data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION
+) -> None:
+    """The application confirms the new model works (ends the confirmation window)."""
+    _verdict(name, data_dir, as_json, "confirm")
+
+
+@app.command("report-bad")
+def report_bad(
+    name: str, data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION
+) -> None:
+    """The application reports the new model bad: roll back now."""
+    _verdict(name, data_dir, as_json, "report_bad")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,3 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         sys.exit(code)
     return code
+
+
+from device_agent import cli_detect  # noqa: E402 - the hardware helper's command, registered last
+
+cli_detect.register(app)

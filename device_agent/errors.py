@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, InvalidInputError, TransportError
 
 
 class AgentError(EdgepackError):
@@ -11,5 +11,29 @@ class AgentError(EdgepackError):
 
 class NotEnrolledError(AgentError):
     """The data directory holds no enrolment."""
+
+    exit_code = 3
+
+
+class UnsafeModelError(InvalidInputError):
+    """A model refers to data outside its revision directory, or through a link."""
+
+
+class HealthCheckError(AgentError):
+    """A revision did not reproduce its golden outputs within tolerance or budget."""
+
+    exit_code = 4
+
+
+class NoSpaceError(AgentError):
+    """The data directory lacks the free space an update needs."""
+
+
+class DownloadFailedError(TransportError):
+    """A download was cut, timed out, was too slow or too long."""
+
+
+class NoRevisionError(AgentError):
+    """The requested revision (or any active model) is not installed."""
 
     exit_code = 3

@@ -1,0 +1,465 @@
+"""One poll of the agent, start-up recovery, and the local verdicts (revert, confirm, report-bad).
+
+The outer layer that touches network and disk. Each model's update walks the
+state table of :mod:`device_agent.state`; the journal is saved on entry to
+each state before its side effect, and :meth:`Agent.recover` decides at start
+what a crash left behind. ``current`` is only ever switched to a revision the
+journal records as known good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_exc
+
+from device_agent import health, safeload, selection, status
+from device_agent.config import AgentConfig
+from device_agent.errors import HealthCheckError, NoRevisionError, NoSpaceError
+from device_agent.fetcher import AgentFetcher
+from device_agent.slots import Slots, remove_tree
+from device_agent.state import RECOVERY, Journal, Recovery, Revision, State, Update
+from device_agent.tufclient import TufClient
+from edgepack import bundle
+from edgepack._version import __version__
+from edgepack.channel import channel_target_path
+from edgepack.errors import ConflictError, EdgepackError, InvalidInputError, VerificationError
+
+MAX_ATTEMPTS = 5  # interrupted tries of one release before it is marked failed (crash loop)
+LOCK_NAME = ".lock"
+
+
+@dataclass
+class Outcome:
+    """What one poll did for one model."""
+
+    model: str
+    action: str  # up-to-date | installed | rolled-back | failed | kept | no-release | error
+    revision: str | None = None
+    version: str | None = None
+    error: str | None = None
+
+    def as_status(self) -> dict[str, Any]:
+        """The fields this outcome contributes to the status document."""
+        return {"last_action": self.action, "last_error": self.error, "last_check": time.time()}
+
+
+class _ReleaseFailedError(Exception):
+    """This release cannot run here (bad bundle, unsafe model, unhealthy)."""
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def locked(data_dir: Path, wait_s: float = 10.0) -> Iterator[None]:
+    """Hold ``DATA/.lock`` so a poll and a local command never interleave."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ConflictError(
+                        f"another edgepack-agent holds {data_dir / LOCK_NAME}",
+                        hint="wait for the running poll to finish and try again",
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Agent:
+    """The device agent over one data directory."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        fetcher: AgentFetcher | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.data = config.data_dir
+        self.clock = clock
+        self.fetcher = fetcher or AgentFetcher(config.limits, tmp_dir=self.data / "downloads")
+        self.journal = Journal.load(self.data)
+        self.device = selection.Device.from_config(config)
+
+    # -- start-up recovery -----------------------------------------------------
+    def recover(self) -> None:
+        """Resume or clean up what a crash left, per the recovery table."""
+        for name in self.config.models:
+            mj = self.journal.model(name)
+            slots = Slots(self.data, name)
+            slots.clean_temporaries()
+            action = RECOVERY[mj.state]
+            if action is Recovery.FINISH_SWITCH:
+                if mj.update is not None:
+                    self._switch_and_commit(name, mj.update.revision)
+                else:
+                    self.journal.enter(name, State.COMMITTED)
+            elif action in (Recovery.DISCARD_STAGING, Recovery.KEEP_PARTIAL):
+                if action is Recovery.DISCARD_STAGING and mj.update is not None:
+                    # Counted so a model that kills the agent cannot loop forever.
+                    mj.update.attempts += 1
+                self.journal.enter(name, State.IDLE)
+            self._forget_unknown(name)
+
+    def _forget_unknown(self, name: str) -> None:
+        """Remove revisions that never became known good; drop records of vanished ones."""
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        current = slots.current()
+        on_disk = set(slots.installed())
+        for rev in on_disk:
+            record = mj.revisions.get(rev)
+            if rev != current and (record is None or not record.healthy):
+                slots.remove(rev)
+                mj.revisions.pop(rev, None)
+        for rev in list(mj.revisions):
+            if rev not in on_disk:
+                del mj.revisions[rev]
+        self.journal.save()
+
+    # -- polling ---------------------------------------------------------------
+    def poll(self) -> list[Outcome]:
+        """Refresh TUF metadata, then bring every followed model up to date."""
+        outcomes: list[Outcome] = []
+        stale = False
+        client: TufClient | None = None
+        try:
+            client = TufClient(self.config, self.fetcher)
+            client.refresh()
+        except (tuf_exc.DownloadError, tuf_exc.RepositoryError, OSError) as exc:
+            # Invariant 4: the current model keeps running; we report stale and back off.
+            stale = True
+            client = None
+            reason = f"repository metadata unavailable or expired: {exc}"
+            outcomes = [Outcome(m, "kept", error=reason) for m in self.config.models]
+        if client is not None:
+            for name in self.config.models:
+                outcomes.append(self._poll_model(client, name))
+            keep = {
+                mj.update.sha256
+                for mj in self.journal.models.values()
+                if mj.update is not None
+                and mj.state is not State.COMMITTED
+                and mj.update.version not in mj.failed
+            }
+            client.clean_downloads(keep)
+        previous = status.load(self.data)
+        doc = status.build(
+            self.config,
+            self.journal,
+            {o.model: o.as_status() for o in outcomes},
+            stale=stale,
+            previous=previous,
+        )
+        status.write(self.data, doc)
+        return outcomes
+
+    def _poll_model(self, client: TufClient, name: str) -> Outcome:
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        self._check_confirmation_window(name)
+        if mj.state is not State.CHECKING:
+            self.journal.enter(name, State.CHECKING)
+        try:
+            raw = client.small_target(
+                channel_target_path(name, self.config.channel), self.config.limits.max_channel_bytes
+            )
+            if raw is None:
+                self.journal.enter(name, State.IDLE)
+                return Outcome(name, "no-release", slots.current(), error="no channel document")
+            doc = selection.parse_for(raw, name, self.config.channel, mj.channel_sequence)
+            mj.channel_sequence = doc.sequence
+            mj.revoked = list(doc.revoked)
+            chosen = selection.select(doc, self.device)
+            if not chosen.ok or chosen.variant is None or chosen.version is None:
+                self.journal.enter(name, State.IDLE)
+                return Outcome(name, "no-release", slots.current(), error=chosen.reason)
+            info = client.target_info(chosen.variant.target)
+            if info is None:
+                raise InvalidInputError(f"channel names {chosen.variant.target}, not in the repo")
+            return self._apply(client, name, chosen.version, info)
+        except (
+            tuf_exc.DownloadError,
+            tuf_exc.RepositoryError,
+            InvalidInputError,
+            EdgepackError,
+            OSError,
+        ) as exc:
+            if mj.state is not State.IDLE:
+                self.journal.enter(name, State.IDLE)
+            self._forget_unknown(name)
+            remove_tree(slots.staging_root)
+            return Outcome(name, "error", slots.current(), error=_describe(exc))
+
+    def _apply(self, client: TufClient, name: str, version: str, info: Any) -> Outcome:
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        sha = str(info.hashes.get("sha256", ""))
+        if not sha:
+            raise InvalidInputError(f"{info.path} has no sha256 in TUF metadata")
+        current = slots.current()
+        if current and current in mj.revisions and mj.revisions[current].sha256 == sha:
+            self.journal.enter(name, State.IDLE)
+            return Outcome(name, "up-to-date", current, version)
+        if version in mj.failed:
+            self.journal.enter(name, State.IDLE)
+            return Outcome(
+                name,
+                "kept",
+                current,
+                version,
+                error=f"{version} failed here before: "
+                f"{mj.failed[version]}; waiting for a newer release",
+            )
+        cached = mj.revision_for(sha)
+        if cached is not None and slots.revision_dir(cached).is_dir():
+            # Operator rollback (or forward again): the bundle is installed and known good.
+            update = Update(info.path, version, sha, info.length, cached, current)
+            self.journal.enter(name, State.SWITCHING, update=update)
+            self._switch_and_commit(name, cached)
+            return Outcome(name, "rolled-back", cached, version)
+        attempts = mj.update.attempts if mj.update and mj.update.sha256 == sha else 0
+        revision = f"{version}-{sha[:12]}"
+        update = Update(info.path, version, sha, info.length, revision, current, attempts)
+        if attempts >= MAX_ATTEMPTS:
+            self._mark_failed(name, version, f"interrupted {MAX_ATTEMPTS} times; giving up")
+            self.journal.enter(name, State.IDLE)
+            return Outcome(name, "failed", current, version, error=mj.failed[version])
+        try:
+            self._install(client, name, update, info)
+        except (_ReleaseFailedError, HealthCheckError, VerificationError, InvalidInputError) as exc:
+            self._mark_failed(name, version, _describe(exc))
+            self.journal.enter(name, State.IDLE)
+            self._forget_unknown(name)
+            remove_tree(slots.staging_root)
+            return Outcome(name, "failed", slots.current(), version, error=_describe(exc))
+        return Outcome(name, "installed", revision, version)
+
+    def _install(self, client: TufClient, name: str, update: Update, info: Any) -> None:
+        slots = Slots(self.data, name)
+        mj = self.journal.model(name)
+        bundle_path = client.bundle_path(update.sha256)
+        if not bundle_path.exists():
+            part = client.downloads / f"{update.sha256}.part"
+            have = part.stat().st_size if part.exists() else 0
+            self._check_space(update.length - have, update.length)
+            self.journal.enter(name, State.DOWNLOADING, update=update)
+            try:
+                bundle_path = client.download_bundle(info)
+            except tuf_exc.LengthOrHashMismatchError as exc:
+                raise tuf_exc.DownloadError(
+                    f"{info.path}: {exc}; the download is discarded"
+                ) from exc
+        else:
+            self._check_space(0, update.length)
+        self.journal.enter(name, State.VERIFYING, update=update)
+        staged = slots.staging_dir(update.revision)
+        remove_tree(staged)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        binfo = bundle.unpack(
+            bundle_path, staged, recipient_key=self._recipient_key(), policy=self._policy()
+        )
+        if binfo.name != name or binfo.version != update.version:
+            raise _ReleaseFailedError(
+                f"{info.path} holds {binfo.name} {binfo.version}, not {name} {update.version}"
+            )
+        needed = str(binfo.metadata.get("min_agent_version", "0"))
+        if _version_tuple(needed) > _version_tuple(__version__):
+            raise _ReleaseFailedError(f"needs edgepack-agent >= {needed} (this is {__version__})")
+        model_rel = str((binfo.metadata.get("model") or {}).get("path", "model.onnx"))
+        self.journal.enter(name, State.STAGING)
+        safeload.check_model(staged, model_rel)
+        mj.revisions[update.revision] = Revision(
+            update.version, update.sha256, update.target, False, self.clock(), model_rel
+        )
+        slots.install(staged, update.revision)
+        self.journal.enter(name, State.HEALTH_CHECKING)
+        health.check_revision(
+            slots.revision_dir(update.revision),
+            model_rel,
+            binfo.metadata.get("health"),
+            latency_runs=self.config.limits.health_latency_runs,
+            budgets=self._profile_budgets(),
+        )
+        mj.revisions[update.revision].healthy = True
+        self.journal.enter(name, State.SWITCHING)
+        self._switch_and_commit(name, update.revision)
+
+    def _switch_and_commit(self, name: str, revision: str) -> None:
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        if mj.state is not State.SWITCHING:
+            self.journal.enter(name, State.SWITCHING)
+        previous = mj.update.previous if mj.update else slots.current()
+        slots.switch(revision)
+        if self.config.limits.confirm_window_s > 0 and previous and previous != revision:
+            mj.confirm = {
+                "revision": revision,
+                "previous": previous,
+                "deadline": self.clock() + self.config.limits.confirm_window_s,
+            }
+        self.journal.enter(name, State.COMMITTED)
+        keep_prev = mj.update.previous if mj.update else None
+        self._prune(name, keep={revision, *([keep_prev] if keep_prev else [])})
+
+    def _prune(self, name: str, keep: set[str]) -> None:
+        """Keep the newest known-good revisions (at least ``keep``) up to the limit."""
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        limit = max(2, self.config.limits.keep_revisions)
+        ordered = sorted(mj.healthy_revisions(), key=lambda r: mj.revisions[r].installed_at)
+        kept = set(keep)
+        for rev in reversed(ordered):
+            if len(kept) >= limit:
+                break
+            kept.add(rev)
+        for rev in slots.installed():
+            if rev not in kept and rev != slots.current():
+                slots.remove(rev)
+                mj.revisions.pop(rev, None)
+        self.journal.save()
+
+    def _mark_failed(self, name: str, version: str, why: str) -> None:
+        self.journal.model(name).failed[version] = why
+        self.journal.save()
+
+    def _check_space(self, download: int, unpacked: int) -> None:
+        """Refuse to start when the download and its unpacked copy would not fit."""
+        if download > self.config.limits.max_bundle_bytes:
+            raise InvalidInputError(f"a {download}-byte bundle exceeds max_bundle_bytes")
+        need = download + unpacked + self.config.limits.free_space_margin_bytes
+        free = shutil.disk_usage(self.data).free
+        if free < need:
+            raise NoSpaceError(
+                f"{self.data} has {free} bytes free, the update needs {need}",
+                hint="free space or lower keep_revisions; the current model keeps running",
+            )
+
+    def _recipient_key(self) -> Any:
+        from edgepack.keys import load_recipient_private_key
+
+        return load_recipient_private_key(Path(self.config.recipient_key))
+
+    def _policy(self) -> Any:
+        from edgepack.signing import load_trust_policy
+
+        if not self.config.trust_policy:
+            raise VerificationError("no trust policy configured", hint="enrol with --trust POLICY")
+        return load_trust_policy(Path(self.config.trust_policy))
+
+    def _profile_budgets(self) -> dict[str, float] | None:
+        if not self.device.profile:
+            return None
+        try:
+            from edgepack.hw import load_profile
+
+            budget = load_profile(self.device.profile).health
+        except Exception:
+            return None
+        return {"latency_ms": budget.latency_ms, "memory_mb": budget.memory_mb}
+
+    # -- local verdicts ----------------------------------------------------------
+    def _check_confirmation_window(self, name: str) -> None:
+        mj = self.journal.model(name)
+        if mj.confirm and self.clock() > float(mj.confirm["deadline"]):
+            self._roll_back(name, "not confirmed within the confirmation window")
+
+    def _roll_back(self, name: str, why: str) -> str:
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        current = slots.current()
+        if current is None:
+            raise NoRevisionError(f"{name} has no active revision")
+        target = None
+        if mj.confirm and mj.confirm.get("revision") == current:
+            target = mj.confirm.get("previous")
+        candidates = [r for r in reversed(mj.healthy_revisions()) if r != current]
+        if target not in candidates:
+            target = None
+        for rev in candidates:
+            if target is None and mj.revisions[rev].version not in mj.revoked:
+                target = rev
+        if target is None or mj.revisions[target].version in mj.revoked:
+            raise NoRevisionError(
+                f"{name} has no earlier known-good, unrevoked revision to go back to"
+            )
+        if current in mj.revisions:
+            mj.failed[mj.revisions[current].version] = why
+        mj.confirm = None
+        old = mj.revisions[target]
+        mj.update = Update(old.target, old.version, old.sha256, 0, target, current)
+        self.journal.enter(name, State.SWITCHING)
+        slots.switch(target)
+        self.journal.enter(name, State.COMMITTED)
+        return target
+
+    def revert(self, name: str) -> str:
+        """Local rollback: back to the previous known-good revision; pins against the newer."""
+        return self._roll_back(name, "reverted locally with `edgepack-agent revert`")
+
+    def report_bad(self, name: str) -> str:
+        """The application's verdict: the new model misbehaves; roll back now."""
+        return self._roll_back(name, "reported bad by the application")
+
+    def confirm(self, name: str) -> str:
+        """The application's verdict: the new model works; end the confirmation window."""
+        mj = self.journal.model(name)
+        current = Slots(self.data, name).current()
+        if current is None:
+            raise NoRevisionError(f"{name} has no active revision to confirm")
+        mj.confirm = None
+        self.journal.save()
+        return current
+
+    def revisions(self, name: str) -> list[dict[str, Any]]:
+        """Installed revisions of a model with their facts (for ``list``)."""
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        current = slots.current()
+        out = []
+        for rev in slots.installed():
+            record = mj.revisions.get(rev)
+            out.append(
+                {
+                    "revision": rev,
+                    "version": record.version if record else None,
+                    "active": rev == current,
+                    "known_good": bool(record and record.healthy),
+                    "revoked": bool(record and record.version in mj.revoked),
+                    "failed": mj.failed.get(record.version) if record else None,
+                }
+            )
+        return out
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space left on the device while updating; the current model keeps running"
+    diag = getattr(exc, "diagnostics", None)
+    if callable(diag):
+        return str(diag())
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,44 @@
+"""The application's API: open the active model of a followed model name.
+
+Applications may also read ``DATA/models/NAME/current/`` directly; this helper
+adds the agent's loading-safety checks and finds the model file inside the
+revision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from device_agent import safeload
+from device_agent.config import resolve_data_dir
+from device_agent.errors import NoRevisionError
+from device_agent.slots import Slots
+from device_agent.state import Journal
+
+
+def _active(name: str, data_dir: Path | None) -> tuple[Path, str]:
+    data = resolve_data_dir(data_dir)
+    slots = Slots(data, name)
+    revision = slots.current()
+    if revision is None:
+        raise NoRevisionError(
+            f"no active revision of {name} in {data}",
+            hint="wait for `edgepack-agent run` to install one, or check `edgepack-agent status`",
+        )
+    record = Journal.load(data).model(name).revisions.get(revision)
+    return slots.revision_dir(revision), record.model_path if record else "model.onnx"
+
+
+def active_model_path(name: str, data_dir: Path | None = None) -> Path:
+    """The path of the active model file of ``name``, after the safety checks."""
+    revision_dir, model_rel = _active(name, data_dir)
+    return safeload.check_model(revision_dir, model_rel)
+
+
+def open_session(
+    name: str, data_dir: Path | None = None, providers: list[str] | None = None
+) -> Any:
+    """An onnxruntime ``InferenceSession`` of the active revision of ``name``, loaded by path."""
+    revision_dir, model_rel = _active(name, data_dir)
+    return safeload.open_session(revision_dir, model_rel, providers)

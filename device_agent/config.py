@@ -1,0 +1,134 @@
+"""The agent's configuration (``DATA/config.toml``) and its limits in one object.
+
+Like python-tuf's ``UpdaterConfig``, every size, count and time bound the agent
+enforces is a named field with a default, so a test or an operator changes one
+number in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from device_agent import _atomic
+from device_agent.errors import NotEnrolledError
+from edgepack.errors import InvalidInputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the agent's minimum is 3.10
+    import tomli as tomllib
+
+DEFAULT_DATA_DIR = Path("/var/lib/edgepack")
+CONFIG_NAME = "config.toml"
+
+
+@dataclass
+class Limits:
+    """Bounds on what the agent downloads, how long it waits and how it polls."""
+
+    max_bundle_bytes: int = 8 * 1024**3
+    max_channel_bytes: int = 256 * 1024
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    # Slow-retrieval defence: after the grace period the average speed must stay above this.
+    min_speed_bps: int = 4096
+    slow_grace_s: float = 10.0
+    bandwidth_bps: int = 0  # 0: no cap
+    chunk_bytes: int = 1024 * 1024
+    downloads_max_bytes: int = 16 * 1024**3
+    free_space_margin_bytes: int = 16 * 1024 * 1024
+    poll_interval_s: float = 300.0
+    poll_jitter: float = 0.2
+    backoff_max_s: float = 3600.0
+    keep_revisions: int = 2
+    confirm_window_s: float = 0.0  # 0: no confirmation window
+    health_latency_runs: int = 5
+
+
+@dataclass
+class AgentConfig:
+    """What enrolment decided: where the repository is, who this device is, what it follows."""
+
+    data_dir: Path
+    device_id: str
+    metadata_url: str
+    targets_url: str
+    models: list[str] = field(default_factory=list)
+    channel: str = "stable"
+    cohort: str = ""
+    profile: str = "auto"
+    architecture: str = ""
+    trust_policy: str = ""
+    recipient_key: str = ""
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def config_path(self) -> Path:
+        """Where this configuration lives."""
+        return self.data_dir / CONFIG_NAME
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps(config: AgentConfig) -> str:
+    """Render the configuration as TOML (the stdlib reads TOML but does not write it)."""
+    lines = ["# edgepack-agent configuration, written by `edgepack-agent enroll`."]
+    for f in dataclasses.fields(config):
+        if f.name in ("data_dir", "limits"):
+            continue
+        lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    lines.append("")
+    lines.append("[limits]")
+    for f in dataclasses.fields(config.limits):
+        lines.append(f"{f.name} = {_toml_value(getattr(config.limits, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def save(config: AgentConfig) -> None:
+    """Write the configuration atomically."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _atomic.write_bytes(config.config_path, dumps(config).encode(), mode=0o600)
+
+
+def load(data_dir: Path) -> AgentConfig:
+    """Read ``DATA/config.toml``; unknown keys are an error so typos do not pass silently."""
+    path = data_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotEnrolledError(
+            f"{data_dir} holds no enrolment ({CONFIG_NAME} missing)",
+            hint="run `edgepack-agent enroll` first or pass the right --data-dir",
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInputError(f"{path} is not valid TOML: {exc}") from None
+    limits_raw = raw.pop("limits", {})
+    try:
+        limits = Limits(**limits_raw)
+        return AgentConfig(data_dir=data_dir, limits=limits, **raw)
+    except TypeError as exc:
+        raise InvalidInputError(f"{path}: {exc}", hint="remove or fix the unknown key") from None
+
+
+def resolve_data_dir(value: Path | None) -> Path:
+    """``--data-dir``, else ``EDGEPACK_DATA_DIR``, else ``/var/lib/edgepack``."""
+    if value is not None:
+        return value.absolute()
+    env = os.environ.get("EDGEPACK_DATA_DIR")
+    return Path(env).absolute() if env else DEFAULT_DATA_DIR

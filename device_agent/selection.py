@@ -1,0 +1,78 @@
+"""Which release this device should run: a thin layer over ``edgepack.channel``.
+
+It adds what only the device knows: its identity, architecture, hardware
+profile (auto-detected when configured as ``auto``) and cohort, and the
+defence in depth of refusing a channel document older than one already seen.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+from device_agent import hwdetect
+from device_agent.config import AgentConfig
+from edgepack.channel import ChannelDocument, Selection, parse_channel, select_release
+from edgepack.errors import InvalidInputError
+
+_ARCH_ALIASES = {"arm64": "aarch64", "aarch64": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}
+
+
+def machine_architecture() -> str:
+    """This machine's architecture in edgepack's spelling (``aarch64`` or ``x86_64``)."""
+    machine = platform.machine().lower()
+    return _ARCH_ALIASES.get(machine, machine)
+
+
+def detect_profile() -> str | None:
+    """The hardware profile matching this machine (best effort; ``None`` when unknown)."""
+    try:
+        return hwdetect.choose_profile(hwdetect.AUTO).profile.name
+    except Exception:  # detection is best effort; the 'any' variant still applies
+        return None
+
+
+@dataclass(frozen=True)
+class Device:
+    """The facts selection needs about this device."""
+
+    device_id: str
+    architecture: str
+    profile: str | None
+    cohort: str | None
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> Device:
+        """Resolve ``auto`` values of the configuration on this machine."""
+        arch = config.architecture or machine_architecture()
+        profile: str | None = config.profile
+        if profile in ("", "auto"):
+            profile = detect_profile()
+        return cls(config.device_id, arch, profile, config.cohort or None)
+
+
+def parse_for(data: bytes, model: str, channel: str, seen_sequence: int) -> ChannelDocument:
+    """Parse a channel document and check it is the one asked for and not older than seen."""
+    doc = parse_channel(data)
+    if doc.model != model or doc.channel != channel:
+        raise InvalidInputError(
+            f"channel document for {doc.model}/{doc.channel} served as {model}/{channel}",
+            hint="the repository's operators role signed a misplaced document",
+        )
+    if doc.sequence < seen_sequence:
+        raise InvalidInputError(
+            f"channel document {model}/{channel} has sequence {doc.sequence}, older than "
+            f"{seen_sequence} already seen; ignoring it",
+        )
+    return doc
+
+
+def select(doc: ChannelDocument, device: Device) -> Selection:
+    """The release and bundle variant for this device."""
+    return select_release(
+        doc,
+        device_id=device.device_id,
+        profile=device.profile,
+        architecture=device.architecture,
+        cohort=device.cohort,
+    )

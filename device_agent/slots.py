@@ -1,0 +1,135 @@
+"""Revision directories and the ``current`` symlink of one model.
+
+Layout: ``DATA/models/NAME/REV/`` (read-only once installed) and
+``DATA/models/NAME/current -> REV``. The switch creates a temporary symlink
+and renames it over ``current`` (``os.replace`` is atomic on POSIX), so at
+every instant ``current`` names one complete revision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from device_agent import _atomic
+from device_agent._crashpoint import crashpoint
+
+CURRENT = "current"
+_TMP_LINK = ".current.tmp"
+
+
+def _make_tree_writable(root: Path) -> None:
+    for dirpath, dirnames, _ in os.walk(root):
+        Path(dirpath).chmod(0o755)  # owner-writable only to delete it
+        for d in dirnames:
+            p = Path(dirpath) / d
+            if not p.is_symlink():
+                p.chmod(0o755)
+
+
+def make_read_only(root: Path) -> None:
+    """Drop write permission on every file and folder of a revision."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                p.chmod(0o444)
+        # Applications on the device read models from here, so folders stay world-readable.
+        Path(dirpath).chmod(0o555)
+
+
+def remove_tree(root: Path) -> None:
+    """Remove a (possibly read-only) tree; nothing when it is gone already."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if root.is_symlink() or root.is_file():
+        root.unlink()
+        return
+    _make_tree_writable(root)
+    shutil.rmtree(root)
+
+
+class Slots:
+    """The installed revisions of one model."""
+
+    def __init__(self, data_dir: Path, name: str) -> None:
+        self.name = name
+        self.root = data_dir / "models" / name
+        self.staging_root = data_dir / "staging" / name
+
+    def revision_dir(self, revision: str) -> Path:
+        """Where a revision lives."""
+        return self.root / revision
+
+    def staging_dir(self, revision: str) -> Path:
+        """Where a revision is unpacked and checked before it is installed."""
+        return self.staging_root / revision
+
+    def current(self) -> str | None:
+        """The active revision, or ``None`` on a device that never had one."""
+        try:
+            target = (self.root / CURRENT).readlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return Path(target).name
+
+    def installed(self) -> list[str]:
+        """Revision directories present on disk."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        )
+
+    def install(self, staged: Path, revision: str) -> Path:
+        """Move a checked staging folder into place as a read-only revision."""
+        dest = self.revision_dir(revision)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            remove_tree(dest)
+        make_read_only(staged)
+        # staging/ and models/ share the data directory, so this is a rename, not a copy.
+        staged.chmod(0o700)  # renaming a folder needs write access to it
+        staged.rename(dest)
+        dest.chmod(0o555)  # world-readable on purpose, see make_read_only
+        _atomic.fsync_dir(self.root)
+        return dest
+
+    def switch(self, revision: str) -> None:
+        """Point ``current`` at ``revision`` atomically."""
+        if not self.revision_dir(revision).is_dir():
+            raise FileNotFoundError(f"revision {revision} of {self.name} is not installed")
+        tmp = self.root / _TMP_LINK
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(revision)
+        crashpoint("symlink-created")
+        tmp.replace(self.root / CURRENT)
+        _atomic.fsync_dir(self.root)
+
+    def remove(self, revision: str) -> None:
+        """Delete a revision; refuses to delete the active one."""
+        if revision == self.current():
+            raise ValueError(f"refusing to remove the active revision {revision} of {self.name}")
+        remove_tree(self.revision_dir(revision))
+
+    def clean_temporaries(self) -> None:
+        """Remove a left-over temporary symlink and the staging area."""
+        tmp = self.root / _TMP_LINK
+        if tmp.is_symlink():
+            tmp.unlink()
+        remove_tree(self.staging_root)
+
+    def is_regular_tree(self, revision: str) -> bool:
+        """True when every entry of the revision is a plain file or folder."""
+        for dirpath, dirnames, filenames in os.walk(self.revision_dir(revision)):
+            for n in dirnames + filenames:
+                mode = os.lstat(Path(dirpath) / n).st_mode
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    return False
+        return True

@@ -1,0 +1,195 @@
+"""The update state machine as a table, and its journal ``DATA/state.json``.
+
+Like Mender's client, each model's update is a sequence of named states; the
+journal records a state *on entry*, before the state's side effect, so a
+restart knows what may have been half done. Like RAUC, two facts are kept
+apart: which revision is active (the ``current`` symlink on disk) and which
+revisions are known good (passed verification and their health check, here in
+the journal). Everything in this module is pure bookkeeping except
+:meth:`Journal.save`, which writes the journal atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from device_agent import _atomic
+from device_agent._crashpoint import crashpoint
+from device_agent.errors import AgentError
+
+JOURNAL_NAME = "state.json"
+JOURNAL_FORMAT = 1
+
+
+class State(str, Enum):
+    """States of one model's update; ``idle`` between updates."""
+
+    IDLE = "idle"
+    CHECKING = "checking"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGING = "staging"
+    HEALTH_CHECKING = "health-checking"
+    SWITCHING = "switching"
+    COMMITTED = "committed"
+
+
+# Allowed transitions. IDLE is where a failed update goes (after recording why).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.IDLE: frozenset({State.CHECKING, State.SWITCHING}),
+    State.CHECKING: frozenset({State.DOWNLOADING, State.VERIFYING, State.SWITCHING, State.IDLE}),
+    State.DOWNLOADING: frozenset({State.VERIFYING, State.IDLE}),
+    State.VERIFYING: frozenset({State.STAGING, State.IDLE}),
+    State.STAGING: frozenset({State.HEALTH_CHECKING, State.IDLE}),
+    State.HEALTH_CHECKING: frozenset({State.SWITCHING, State.IDLE}),
+    State.SWITCHING: frozenset({State.COMMITTED}),
+    State.COMMITTED: frozenset({State.CHECKING, State.SWITCHING, State.IDLE}),
+}
+
+
+class Recovery(str, Enum):
+    """What start-up recovery does for a journal left in a given state."""
+
+    NOTHING = "nothing"  # no side effect was under way
+    KEEP_PARTIAL = "keep-partial"  # the partial download resumes on the next poll
+    DISCARD_STAGING = "discard-staging"  # an unverified or unhealthy candidate is removed
+    FINISH_SWITCH = "finish-switch"  # the candidate is known good: complete the switch
+
+
+RECOVERY: dict[State, Recovery] = {
+    State.IDLE: Recovery.NOTHING,
+    State.CHECKING: Recovery.NOTHING,
+    State.DOWNLOADING: Recovery.KEEP_PARTIAL,
+    State.VERIFYING: Recovery.DISCARD_STAGING,
+    State.STAGING: Recovery.DISCARD_STAGING,
+    State.HEALTH_CHECKING: Recovery.DISCARD_STAGING,
+    State.SWITCHING: Recovery.FINISH_SWITCH,
+    State.COMMITTED: Recovery.NOTHING,
+}
+
+
+@dataclass
+class Update:
+    """The release an update is moving to."""
+
+    target: str
+    version: str
+    sha256: str
+    length: int
+    revision: str
+    previous: str | None
+    attempts: int = 0
+
+
+@dataclass
+class Revision:
+    """An installed revision. ``healthy`` is the known-good fact, set only after its check."""
+
+    version: str
+    sha256: str
+    target: str
+    healthy: bool = False
+    installed_at: float = 0.0
+    model_path: str = "model.onnx"
+
+
+@dataclass
+class ModelJournal:
+    """Everything the agent remembers about one model between runs."""
+
+    state: State = State.IDLE
+    update: Update | None = None
+    revisions: dict[str, Revision] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # version -> why
+    revoked: list[str] = field(default_factory=list)
+    channel_sequence: int = 0
+    confirm: dict[str, Any] | None = None  # {"revision", "previous", "deadline"}
+    entered_at: float = 0.0
+
+    def healthy_revisions(self) -> list[str]:
+        """Known-good revisions, oldest install first."""
+        good = [(r.installed_at, name) for name, r in self.revisions.items() if r.healthy]
+        return [name for _, name in sorted(good)]
+
+    def revision_for(self, sha256: str) -> str | None:
+        """The known-good installed revision of a bundle, if any."""
+        for name, rev in self.revisions.items():
+            if rev.sha256 == sha256 and rev.healthy:
+                return name
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON form."""
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelJournal:
+        """Inverse of :meth:`to_json`."""
+        update = data.get("update")
+        return cls(
+            state=State(data.get("state", "idle")),
+            update=Update(**update) if update else None,
+            revisions={k: Revision(**v) for k, v in data.get("revisions", {}).items()},
+            failed=dict(data.get("failed", {})),
+            revoked=list(data.get("revoked", [])),
+            channel_sequence=int(data.get("channel_sequence", 0)),
+            confirm=data.get("confirm"),
+            entered_at=float(data.get("entered_at", 0.0)),
+        )
+
+
+class IllegalTransitionError(AgentError):
+    """The agent tried a transition the table does not allow (a bug, reported loudly)."""
+
+
+class Journal:
+    """The state of every model, persisted on each state entry."""
+
+    def __init__(self, path: Path, models: dict[str, ModelJournal] | None = None) -> None:
+        self.path = path
+        self.models: dict[str, ModelJournal] = models or {}
+
+    @classmethod
+    def load(cls, data_dir: Path) -> Journal:
+        """Read ``DATA/state.json`` (an empty journal when there is none)."""
+        path = data_dir / JOURNAL_NAME
+        raw = _atomic.read_json(path)
+        if raw is None:
+            return cls(path)
+        models = {k: ModelJournal.from_json(v) for k, v in raw.get("models", {}).items()}
+        return cls(path, models)
+
+    def model(self, name: str) -> ModelJournal:
+        """The journal of one model, created empty on first use."""
+        return self.models.setdefault(name, ModelJournal())
+
+    def save(self) -> None:
+        """Write the whole journal atomically."""
+        data = {
+            "format": JOURNAL_FORMAT,
+            "models": {k: v.to_json() for k, v in sorted(self.models.items())},
+        }
+        _atomic.write_json(self.path, data)
+
+    def enter(self, name: str, state: State, *, update: Update | None = None) -> None:
+        """Record entry into ``state`` *before* its side effect, then save.
+
+        Raises :class:`IllegalTransitionError` for a transition not in the table.
+        """
+        mj = self.model(name)
+        if state is not mj.state and state not in TRANSITIONS[mj.state]:
+            raise IllegalTransitionError(
+                f"{name}: transition {mj.state.value} -> {state.value} is not allowed"
+            )
+        mj.state = state
+        mj.entered_at = time.time()
+        if update is not None:
+            mj.update = update
+        self.save()
+        crashpoint(state.value)

@@ -1,0 +1,253 @@
+"""End to end: a real TUF repository over loopback HTTP, real bundles, real onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent import config, open_session, status
+from device_agent.agent import Agent, locked
+from device_agent.errors import NoRevisionError
+from device_agent.slots import Slots
+from tests.agent._support import MODEL, World, fast_limits
+from tests.agent.conftest import poll
+
+
+def current(data: Path) -> str | None:
+    return Slots(data, MODEL).current()
+
+
+def test_install_then_nothing_new_costs_only_timestamp(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    out = poll(data)
+    assert out.action == "installed" and out.version == "1.0.0"
+    rev = current(data)
+    assert rev is not None and rev.startswith("1.0.0-")
+    # the revision is read-only, and the session computes Y = 2X + 1
+    rev_dir = data / "models" / MODEL / rev
+    assert not (rev_dir.stat().st_mode & 0o222)
+    assert not ((rev_dir / "model.onnx").stat().st_mode & 0o222)
+    sess = open_session(MODEL, data)
+    y = sess.run(None, {"X": np.ones((1, 4), np.float32)})[0]
+    assert np.allclose(y, 3.0)
+    world.server.requests.clear()
+    assert poll(data).action == "up-to-date"
+    fetched = [p for p, _ in world.server.requests]
+    assert fetched == ["/metadata/2.root.json", "/metadata/timestamp.json"]
+    doc = json.loads((data / "status.json").read_text())
+    assert doc["models"][MODEL]["version"] == "1.0.0" and doc["stale"] is False
+
+
+def test_operator_rollback_switches_to_cached_revision_without_download(
+    world: World, data: Path
+) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    old = current(data)
+    world.publish("2.0.0", 3.0)
+    assert poll(data).action == "installed"
+    new = current(data)
+    assert new != old and (data / "models" / MODEL / str(old)).is_dir()  # previous kept
+    world.repo.rollback()
+    world.server.requests.clear()
+    start = time.monotonic()
+    out = poll(data)
+    assert out.action == "rolled-back" and current(data) == old
+    assert time.monotonic() - start < 1.0
+    assert world.server.bundle_requests() == []
+
+
+def test_keeps_two_revisions_and_never_the_older_ones(world: World, data: Path) -> None:
+    for i, v in enumerate(["1.0.0", "2.0.0", "3.0.0"]):
+        world.publish(v, 2.0 + i)
+        assert poll(data).action == "installed"
+    installed = Slots(data, MODEL).installed()
+    assert [r.split("-")[0] for r in installed] == ["2.0.0", "3.0.0"]
+
+
+def test_failed_health_check_is_kept_out_and_not_retried(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    good = current(data)
+    world.publish("2.0.0", 3.0, bad_golden=True)
+    out = poll(data)
+    assert out.action == "failed" and "health check failed" in str(out.error)
+    assert current(data) == good
+    assert [r.split("-")[0] for r in Slots(data, MODEL).installed()] == ["1.0.0"]
+    world.server.requests.clear()
+    out = poll(data)
+    assert out.action == "kept" and "2.0.0 failed here before" in str(out.error)
+    assert world.server.bundle_requests() == []  # not retried
+    doc = status.load(data)
+    assert "2.0.0" in doc["models"][MODEL]["failed_releases"]
+    world.publish("3.0.0", 4.0)  # a newer release is tried
+    assert poll(data).action == "installed"
+
+
+def test_tampered_bundle_is_refused_before_install(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    good = current(data)
+    # a bundle signed by someone outside the device's trust policy
+    from edgepack import keys
+
+    world.producer_key = keys.generate_signing_key()
+    world.publish("2.0.0", 3.0)
+    out = poll(data)
+    assert out.action == "failed" and current(data) == good
+    assert list((data / "staging").rglob("*")) == []
+
+
+def test_revert_report_bad_and_confirm(world: World, tmp_path: Path) -> None:
+    d = tmp_path / "dev"
+    world.enroll(d, fast_limits(confirm_window_s=3600.0))
+    world.publish("1.0.0", 2.0)
+    poll(d)
+    v1 = current(d)
+    world.publish("2.0.0", 3.0)
+    poll(d)
+    v2 = current(d)
+    agent = Agent(config.load(d))
+    assert agent.journal.model(MODEL).confirm is not None
+    with locked(d):
+        assert agent.report_bad(MODEL) == v1
+    assert current(d) == v1
+    out = poll(d)  # 2.0.0 is not re-installed
+    assert out.action == "kept" and current(d) == v1
+    world.publish("3.0.0", 4.0)
+    poll(d)
+    v3 = current(d)
+    agent = Agent(config.load(d))
+    with locked(d):
+        agent.confirm(MODEL)
+    assert agent.journal.model(MODEL).confirm is None
+    with locked(d):
+        assert agent.revert(MODEL) == v1  # local revert goes to the kept earlier one
+    assert current(d) == v1 and v2 != v3
+
+
+def test_confirmation_window_expiry_rolls_back(world: World, tmp_path: Path) -> None:
+    d = tmp_path / "dev"
+    world.enroll(d, fast_limits(confirm_window_s=60.0))
+    world.publish("1.0.0", 2.0)
+    poll(d)
+    v1 = current(d)
+    world.publish("2.0.0", 3.0)
+    poll(d)
+    later = Agent(config.load(d), clock=lambda: time.time() + 120)
+    with locked(d):
+        later.recover()
+        later.poll()
+    assert current(d) == v1
+    assert "confirmation window" in later.journal.model(MODEL).failed["2.0.0"]
+
+
+def test_revoked_release_is_never_reverted_to(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    world.publish("2.0.0", 3.0)
+    poll(data)
+    world.repo.revoke("1.0.0")
+    poll(data)
+    agent = Agent(config.load(data))
+    with locked(data), pytest.raises(NoRevisionError):
+        agent.revert(MODEL)
+    assert current(data) is not None and str(current(data)).startswith("2.0.0")
+
+
+def test_unreachable_repository_keeps_model_and_reports_stale(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    rev = current(data)
+    world.server.stop()
+    out = poll(data)
+    assert out.action == "kept" and current(data) == rev
+    doc = status.load(data)
+    assert doc["stale"] is True and doc["models"][MODEL]["last_error"]
+    assert open_session(MODEL, data) is not None
+
+
+def test_expired_metadata_keeps_model_and_reports_stale(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    rev = current(data)
+    world.repo.refresh_timestamp(datetime.now(timezone.utc) - timedelta(days=1))
+    out = poll(data)
+    assert out.action == "kept" and "expired" in str(out.error).lower()
+    assert current(data) == rev and status.load(data)["stale"] is True
+
+
+def test_garbage_metadata_keeps_model(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    rev = current(data)
+    world.server.fault, world.server.fault_match = "garbage", "timestamp.json"
+    assert poll(data).action == "kept" and current(data) == rev
+
+
+def test_network_cut_resumes_with_range(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0, pad_bytes=200_000)
+    world.server.fault, world.server.cut_at = "cut", 50_000
+    out = poll(data)
+    assert out.action == "error" and current(data) is None
+    parts = list((data / "downloads").glob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < 200_000
+    world.server.fault = None
+    world.server.requests.clear()
+    assert poll(data).action == "installed"
+    ranges = [r for _, r in world.server.bundle_requests()]
+    assert ranges and ranges[0] is not None and ranges[0].startswith("bytes=")
+    assert list((data / "downloads").iterdir()) == []
+
+
+def test_garbage_bundle_is_discarded_and_model_kept(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    rev = current(data)
+    world.publish("2.0.0", 3.0)
+    world.server.fault = "garbage"
+    out = poll(data)
+    assert out.action == "error" and current(data) == rev
+    assert list((data / "downloads").iterdir()) == []  # unverified bytes do not stay
+    world.server.fault = None
+    assert poll(data).action == "installed"
+
+
+@pytest.mark.parametrize("fault", ["hang", "slow"])
+def test_hanging_or_slow_server_times_out(world: World, tmp_path: Path, fault: str) -> None:
+    d = tmp_path / "dev"
+    world.enroll(d, fast_limits(read_timeout_s=0.5, slow_grace_s=0.3, min_speed_bps=4096))
+    world.publish("1.0.0", 2.0, pad_bytes=20_000)
+    world.server.fault, world.server.hang_s = fault, 3.0
+    start = time.monotonic()
+    out = poll(d)
+    assert out.action == "error" and current(d) is None
+    assert time.monotonic() - start < 2.5
+
+
+def test_offline_source_directory(world: World, tmp_path: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    d = tmp_path / "dev"
+    world.enroll(d, url=str(world.base / "public"))
+    assert poll(d).action == "installed"
+    assert world.server.requests == []
+
+
+def test_older_channel_document_is_ignored(world: World, data: Path) -> None:
+    from dataclasses import replace
+
+    world.publish("1.0.0", 2.0)
+    world.publish("2.0.0", 3.0)
+    poll(data)
+    rev = current(data)
+    # the operators' role signs a document with a lower sequence naming the old release
+    older = replace(world.repo.doc, sequence=1, current=world.repo.doc.previous[0], previous=())
+    world.repo.set_channel(older)
+    out = poll(data)
+    assert out.action == "error" and "older than" in str(out.error)
+    assert current(data) == rev
