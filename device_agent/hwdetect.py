@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InvalidInputError
-from edgepack.hw import ARCHITECTURES, HardwareProfile, list_profiles, load_profile_file
+from edgepack.hw import ARCHITECTURES, HardwareProfile, list_profiles
 
 __all__ = [
     "CpuInfo",
@@ -380,11 +380,6 @@ def check_bundle_compatible(
         f"bundle is for hardware profile {profile_name_of_bundle!r} but {device}",
         hint=f"install the {detection.profile.name} variant (or generic-{arch}) of this release",
     )
-
-
-def load_profiles_from(directory: Path) -> list[HardwareProfile]:
-    """Every profile in ``directory``; for agents that ship their own profile set."""
-    return [load_profile_file(path) for path in sorted(Path(directory).glob("*.toml"))]
 
 
 def _describe(facts: MachineFacts) -> str:

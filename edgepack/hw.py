@@ -38,6 +38,7 @@ __all__ = [
     "list_profiles",
     "load_profile",
     "load_profile_file",
+    "profile_names",
     "profiles_dir",
 ]
 

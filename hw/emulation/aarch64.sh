@@ -23,6 +23,9 @@ check=0
 
 require_root
 mkdir -p "$CACHE"
+# One preparation at a time (two test runs may start it together).
+exec 9>"$CACHE/.lock"
+flock 9
 TIMINGS=$CACHE/timings.log
 t0=$(date +%s)
 step() { # step NAME START: log how long a step took
@@ -51,6 +54,7 @@ if [ ! -e "$ROOTFS/.complete" ]; then
     t=$(date +%s)
     log "creating an arm64 Debian $SUITE root with python3 in $ROOTFS (a few minutes)"
     rm -rf "$ROOTFS.tmp"
+    # shellcheck disable=SC2016  # $1 is for mmdebstrap's hook shell: the root directory
     mmdebstrap --arch=arm64 --variant=minbase --include=python3 \
         --customize-hook='echo "127.0.0.1 localhost" >"$1/etc/hosts"; echo "::1 localhost" >>"$1/etc/hosts"' \
         "$SUITE" "$ROOTFS.tmp" >&2

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # variables used by the scripts that source this
 # Shared by aarch64.sh and run-aarch64.sh: paths, and the kernel state qemu needs.
 # Sourced, not run. Exit status 3 from either script means "this machine cannot run the
 # emulation" (not root, no binfmt_misc, no namespaces); tests skip on it and say why.

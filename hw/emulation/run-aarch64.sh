@@ -54,6 +54,7 @@ done
 
 # Inside the new namespace: mount what the guest needs, then chroot. Arguments are
 # passed positionally, never spliced into the script, so any command line is safe.
+# shellcheck disable=SC2016  # the inner script expands its own positional parameters
 exec unshare --mount --propagation private -- bash -euo pipefail -c '
     rootfs=$1 cpuinfo=$2 checkout=$3 workdir=$4 board=$5
     shift 5
