@@ -1,9 +1,342 @@
-"""Placeholder registration; filled in by the issue that builds these commands."""
+"""Repository and operator commands: ``edgepack repo …``, ``publish``, ``promote``,
+``rollback``, ``revoke`` and ``keys rotate``.
+
+Keys are PEM files or securesystemslib signer URIs; passphrases come from
+``$EDGEPACK_PASSPHRASE`` (or ``--passphrase-env VAR``), else a prompt on a
+terminal, else a clear error. Every reporting command takes ``--json``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from edgepack import repo
+from edgepack.cli._output import JSON_OPTION, emit
+from edgepack.errors import InvalidInputError
+from edgepack.keys import resolve_passphrase
+
+repo_app = typer.Typer(
+    name="repo",
+    help="Create, inspect, refresh and serve a TUF repository.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+PASSPHRASE_ENV = typer.Option(
+    None,
+    "--passphrase-env",
+    metavar="VAR",
+    help="Read key passphrases from this variable (default EDGEPACK_PASSPHRASE, else a prompt).",
+)
+REPO_OPTION = typer.Option(..., "--repo", metavar="WORKDIR", help="The repository's directory.")
+OPERATOR_KEY = typer.Option(
+    None,
+    "--key",
+    metavar="KEY",
+    help="Operators' key: PEM file or signer URI (default: WORKDIR/keys/operators.key).",
+)
+
+
+def _passphrases(passphrase_env: str | None) -> repo.PassphraseSource:
+    """Ask once, on first need, and reuse the answer for every key of the command."""
+    cache: dict[str, bytes | None] = {}
+
+    def source(purpose: str) -> bytes | None:
+        if "value" not in cache:
+            cache["value"] = resolve_passphrase(
+                passphrase_env, purpose="the repository keys", required=True
+            )
+        return cache["value"]
+
+    return source
+
+
+def _versions(result: repo.Result) -> str:
+    return ", ".join(f"{role} v{v}" for role, v in sorted(result.versions.items())) or "nothing"
+
+
+def _parse_expiry(values: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in values:
+        role, sep, days = item.partition("=")
+        try:
+            out[role] = float(days)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidInputError(
+                f"bad --expiry {item!r}", hint="use ROLE=DAYS, e.g. timestamp=1"
+            )
+    return out
+
+
+@repo_app.command("init")
+def init_command(
+    workdir: Path = typer.Argument(..., help="New repository directory."),
+    root_keys: int = typer.Option(1, "--root-keys", min=1, help="Number of root keys (n)."),
+    root_threshold: int = typer.Option(1, "--root-threshold", min=1, help="Root threshold (k)."),
+    expiry: list[str] = typer.Option(
+        [],
+        "--expiry",
+        metavar="ROLE=DAYS",
+        help="Expiry of a role (root, targets, snapshot, timestamp, operators, models).",
+    ),
+    no_passphrase: bool = typer.Option(
+        False, "--no-passphrase", help="Write unencrypted keys (development only)."
+    ),
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create the role keys (WORKDIR/keys) and the first metadata (WORKDIR/public)."""
+    expiry_days = _parse_expiry(expiry)
+    passphrase = None
+    if not no_passphrase:
+        passphrase = resolve_passphrase(
+            passphrase_env, purpose="the new repository keys", required=True, confirm=True
+        )
+    result = repo.init(
+        workdir,
+        passphrase=passphrase,
+        root_keys=root_keys,
+        root_threshold=root_threshold,
+        expiry_days=expiry_days,
+    )
+    data = {"versions": result.versions, **result.summary, "encrypted": passphrase is not None}
+
+    def human() -> None:
+        typer.echo(f"created repository {workdir}: {_versions(result)}")
+        typer.echo(f"private keys in {workdir / 'keys'}; serve {workdir / 'public'}")
+
+    emit(data, as_json, human)
+
+
+@repo_app.command("add-model")
+def add_model_command(
+    workdir: Path = typer.Argument(..., help="The repository."),
+    name: str = typer.Argument(..., help="Model name."),
+    key: Path = typer.Option(..., "--key", metavar="TEAM.pub", help="The team's public key."),
+    targets_key: str | None = typer.Option(
+        None, "--targets-key", metavar="KEY", help="Top-level targets key (PEM or signer URI)."
+    ),
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delegate models/NAME/* to a model team's key."""
+    result = repo.add_model(
+        workdir, name, key, passphrase=_passphrases(passphrase_env), key=targets_key
+    )
+    emit(
+        {"versions": result.versions, **result.summary},
+        as_json,
+        lambda: typer.echo(f"model {name} delegated to key {result.summary['keyid'][:12]}…"),
+    )
+
+
+@repo_app.command("refresh")
+def refresh_command(
+    workdir: Path = typer.Argument(..., help="The repository."),
+    force: bool = typer.Option(False, "--force", help="Re-sign even when nothing is due."),
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Re-sign snapshot and timestamp when inside their refresh window (quiet otherwise)."""
+    result = repo.refresh(workdir, passphrase=_passphrases(passphrase_env), force=force)
+
+    def human() -> None:
+        if result.versions:
+            typer.echo(f"refreshed: {_versions(result)}")
+
+    emit({"versions": result.versions, **result.summary}, as_json, human)
+
+
+@repo_app.command("status")
+def status_command(
+    workdir: Path = typer.Argument(..., help="The repository."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Roles, versions, expiries (with early warnings), models, releases, channels."""
+    report = repo.open_status(workdir)
+    emit(report, as_json, lambda: _print_status(report))
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    typer.echo("roles:")
+    for r in report["roles"]:
+        mark = "" if r["state"] == "ok" else f"  <-- {r['state'].upper()}"
+        typer.echo(
+            f"  {r['role']:<24} v{r['version']:<5} expires {r['expires']} "
+            f"({r['days_left']} days){mark}"
+        )
+    typer.echo("models:")
+    for m in report["models"]:
+        bins = f", {m['bins']} bins" if m["bins"] else ""
+        typer.echo(f"  {m['name']} ({len(m['releases'])} releases{bins})")
+        for version, variants in m["releases"].items():
+            typer.echo(f"    {version}: {', '.join(variants)}")
+    typer.echo("channels:")
+    for c in report["channels"]:
+        cur = c["current"]
+        now = "none" if cur is None else f"{cur['version']} at {cur['rollout']:g}%"
+        if cur and cur["cohorts"]:
+            now += f" for {', '.join(cur['cohorts'])}"
+        extra = f"; revoked {', '.join(c['revoked'])}" if c["revoked"] else ""
+        typer.echo(f"  {c['model']}/{c['channel']} #{c['sequence']}: {now}{extra}")
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@repo_app.command("serve")
+def serve_command(
+    workdir: Path = typer.Argument(..., help="The repository."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Loopback address to bind."),
+    port: int = typer.Option(8080, "--port", help="Port (0 picks a free one)."),
+) -> None:
+    """Serve WORKDIR/public over HTTP for development (use nginx in production)."""
+    server = repo.make_server(workdir, host, port)
+    bound = server.server_address[1]
+    typer.echo(f"serving {workdir / 'public'} on http://{host}:{bound}/ (Ctrl-C stops)")
+    typer.echo(
+        f"  metadata: http://{host}:{bound}/metadata/  targets: http://{host}:{bound}/targets/"
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def publish_command(
+    bundles: list[Path] = typer.Argument(..., help="Bundle files (.epk)."),
+    workdir: Path = REPO_OPTION,
+    key: str = typer.Option(..., "--key", metavar="TEAM.key", help="Team key: PEM or signer URI."),
+    channel: str | None = typer.Option(None, "--channel", help="Also promote to this channel."),
+    operator_key: str | None = typer.Option(
+        None, "--operator-key", metavar="KEY", help="Operators' key, with --channel."
+    ),
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Add bundles as targets under the model team's role."""
+    result = repo.publish(
+        workdir,
+        bundles,
+        key=key,
+        passphrase=_passphrases(passphrase_env),
+        channel=channel,
+        operator_key=operator_key,
+    )
+
+    def human() -> None:
+        for target in result.summary["targets"]:
+            typer.echo(f"published {target}")
+        if channel:
+            typer.echo(f"promoted to {channel}")
+
+    emit({"versions": result.versions, **result.summary}, as_json, human)
+
+
+def _emit_documents(result: repo.Result, as_json: bool) -> None:
+    def human() -> None:
+        for doc in result.summary["documents"]:
+            cur = doc["current"]
+            now = "none" if cur is None else f"{cur['version']} at {cur['rollout']:g}%"
+            typer.echo(f"{doc['model']}/{doc['channel']} #{doc['sequence']}: {now}")
+
+    emit({"versions": result.versions, **result.summary}, as_json, human)
+
+
+def promote_command(
+    name: str = typer.Argument(..., help="Model name."),
+    version: str = typer.Argument(..., help="Published version."),
+    workdir: Path = REPO_OPTION,
+    channel: str = typer.Option(..., "--channel", help="stable, candidate, beta or edge."),
+    rollout: float = typer.Option(100.0, "--rollout", metavar="PERCENT", help="Staged rollout."),
+    cohort: list[str] = typer.Option([], "--cohort", metavar="NAME", help="Restrict to cohort."),
+    key: str | None = OPERATOR_KEY,
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Make a release current on a channel (optionally staged or for cohorts)."""
+    result = repo.promote(
+        workdir,
+        name,
+        version,
+        channel=channel,
+        rollout=rollout,
+        cohorts=cohort,
+        key=key,
+        passphrase=_passphrases(passphrase_env),
+    )
+    _emit_documents(result, as_json)
+
+
+def rollback_command(
+    name: str = typer.Argument(..., help="Model name."),
+    workdir: Path = REPO_OPTION,
+    channel: str = typer.Option(..., "--channel", help="stable, candidate, beta or edge."),
+    to: str | None = typer.Option(None, "--to", metavar="VERSION", help="Default: the previous."),
+    key: str | None = OPERATOR_KEY,
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Move a channel back to an older release (a new, newer channel document)."""
+    result = repo.rollback(
+        workdir,
+        name,
+        channel=channel,
+        to_version=to,
+        key=key,
+        passphrase=_passphrases(passphrase_env),
+    )
+    _emit_documents(result, as_json)
+
+
+def revoke_command(
+    name: str = typer.Argument(..., help="Model name."),
+    version: str = typer.Argument(..., help="Version to revoke."),
+    workdir: Path = REPO_OPTION,
+    key: str | None = OPERATOR_KEY,
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List a release as revoked on every channel: never installed, never reverted to."""
+    result = repo.revoke(workdir, name, version, key=key, passphrase=_passphrases(passphrase_env))
+    _emit_documents(result, as_json)
+
+
+def rotate_command(
+    role: str = typer.Argument(..., help="root, targets, snapshot, timestamp or operators."),
+    workdir: Path = REPO_OPTION,
+    no_passphrase: bool = typer.Option(
+        False, "--no-passphrase", help="Write the new key unencrypted (development only)."
+    ),
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Replace a role's key; root rotation follows TUF's root chain."""
+    source = _passphrases(passphrase_env)
+    new_passphrase = None if no_passphrase else source("the new key")
+    result = repo.rotate_key(workdir, role, passphrase=source, new_passphrase=new_passphrase)
+    emit(
+        {"versions": result.versions, **result.summary},
+        as_json,
+        lambda: typer.echo(
+            f"rotated {role}: new key {', '.join(result.summary['keys'])}; {_versions(result)}"
+        ),
+    )
+
+
+def register_keys_rotate(keys_app: typer.Typer) -> None:
+    """Add ``keys rotate`` to the lead's ``keys`` group."""
+    keys_app.command("rotate")(rotate_command)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to app."""
+    """Add ``repo`` and the operator commands to ``app``."""
+    app.add_typer(repo_app)
+    app.command("publish")(publish_command)
+    app.command("promote")(promote_command)
+    app.command("rollback")(rollback_command)
+    app.command("revoke")(revoke_command)
