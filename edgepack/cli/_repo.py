@@ -309,16 +309,36 @@ def revoke_command(
 def rotate_command(
     role: str = typer.Argument(..., help="root, targets, snapshot, timestamp or operators."),
     workdir: Path = REPO_OPTION,
+    new_key: list[str] = typer.Option(
+        [],
+        "--new-key",
+        metavar="KEY",
+        help="Use this key instead of generating one: signer URI (hsm:, gcpkms:, awskms:, "
+        "azurekms:, hv:, file2:) or PEM file; repeat for several, each with --new-public.",
+    ),
+    new_public: list[Path] = typer.Option(
+        [], "--new-public", metavar="PUB", help="Public key (PEM) of each --new-key, in order."
+    ),
     no_passphrase: bool = typer.Option(
-        False, "--no-passphrase", help="Write the new key unencrypted (development only)."
+        False, "--no-passphrase", help="Write a generated key unencrypted (development only)."
     ),
     passphrase_env: str | None = PASSPHRASE_ENV,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Replace a role's key; root rotation follows TUF's root chain."""
+    if len(new_key) != len(new_public):
+        raise InvalidInputError(
+            "give one --new-public for every --new-key", hint="pair them in the same order"
+        )
     source = _passphrases(passphrase_env)
-    new_passphrase = None if no_passphrase else source("the new key")
-    result = repo.rotate_key(workdir, role, passphrase=source, new_passphrase=new_passphrase)
+    new_passphrase = None if no_passphrase or new_key else source("the new key")
+    result = repo.rotate_key(
+        workdir,
+        role,
+        passphrase=source,
+        new_passphrase=new_passphrase,
+        replacements=list(zip(new_key, new_public, strict=True)),
+    )
     emit(
         {"versions": result.versions, **result.summary},
         as_json,

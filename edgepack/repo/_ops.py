@@ -22,6 +22,7 @@ from edgepack.repo._keys import (
     generate_role_key,
     load_public_key,
     no_passphrase,
+    open_signer,
 )
 from edgepack.repo._settings import (
     KEYED_ROLES,
@@ -327,6 +328,7 @@ def rotate_key(
     *,
     passphrase: PassphraseSource,
     new_passphrase: bytes | None,
+    replacements: Sequence[tuple[str, Path]] = (),
     now: datetime | None = None,
 ) -> Result:
     """Replace the key(s) of ``role`` with new ones, following TUF's root chain.
@@ -334,7 +336,10 @@ def rotate_key(
     A new root version lists the new key and is signed by the old root keys
     (and, when root itself rotates, the new ones too), so devices that trust
     the old root accept it; metadata signed by the old key is rejected after.
-    The old key files move to ``keys/retired/``.
+    The old key files move to ``keys/retired/``. By default as many new
+    Ed25519 keys are generated as the role had; ``replacements`` instead names
+    existing keys as (signer URI or PEM path, public key PEM) pairs — the way
+    to move a role onto an HSM or a cloud KMS.
     """
     if role not in KEYED_ROLES:
         raise InvalidInputError(
@@ -351,22 +356,40 @@ def rotate_key(
         old_specs = list(settings.keys.get(role, []))
         root_md: Metadata[Root] = deepcopy(store.root())
         root = root_md.signed
-        count = len(old_specs)
-        stamp = root.version + 1
-        new_specs = [
-            f"keys/{role}-v{stamp}-{i + 1}.key" if count > 1 else f"keys/{role}-v{stamp}.key"
-            for i in range(count)
-        ]
-        for spec in new_specs:
-            if (workdir / spec).exists():
-                raise KeyFileError(f"{workdir / spec} already exists", hint="remove it and retry")
-        new_signers: list[Signer] = [
-            generate_role_key(workdir / spec, new_passphrase) for spec in new_specs
-        ]
+        if replacements:
+            new_specs = [spec for spec, _public in replacements]
+            new_signers = [
+                open_signer(
+                    spec,
+                    base=workdir,
+                    passphrase=passphrase,
+                    trusted=[load_public_key(public)],
+                    role=role,
+                )
+                for spec, public in replacements
+            ]
+        else:
+            count = len(old_specs)
+            stamp = root.version + 1
+            new_specs = [
+                f"keys/{role}-v{stamp}-{i + 1}.key" if count > 1 else f"keys/{role}-v{stamp}.key"
+                for i in range(count)
+            ]
+            for spec in new_specs:
+                if (workdir / spec).exists():
+                    raise KeyFileError(
+                        f"{workdir / spec} already exists", hint="remove it and retry"
+                    )
+            new_signers = [generate_role_key(workdir / spec, new_passphrase) for spec in new_specs]
+        threshold = root.roles[ROOT].threshold if role == ROOT else 1
+        if len({s.public_key.keyid for s in new_signers}) < threshold:
+            raise KeyFileError(f"role {role!r} needs at least {threshold} distinct new keys")
         new_keys = [s.public_key for s in new_signers]
         root.version += 1
         root.expires = store.now + timedelta(days=settings.expiry_days[ROOT])
         if role == OPERATORS:
+            if len(new_keys) != 1:
+                raise KeyFileError("the operators' role takes exactly one key")
             operators = deepcopy(store.role(OPERATORS))  # load while the old key is trusted
             targets = deepcopy(store.role(TARGETS))
             delegations = targets.signed.delegations

@@ -218,3 +218,33 @@ def test_operators_key_rotation_drops_the_old_key(
     device = new_client(server, tmp_path / "b")
     with pytest.raises(tuf_errors.UnsignedMetadataError):
         device.get_targetinfo("channels/digits/beta.json")
+
+
+def test_rotating_onto_a_signer_uri(
+    digits_repo: Repo, server: Server, published: Path, tmp_path: Path
+) -> None:
+    """Moving snapshot onto an external signer (``file2:`` stands in for hsm:/…kms:)."""
+    from edgepack.repo._keys import generate_role_key
+
+    external = tmp_path / "hsm" / "snapshot.key"
+    generate_role_key(external, None)
+    uri = f"file2:{external}"
+    repo.rotate_key(
+        digits_repo.workdir,
+        "snapshot",
+        passphrase=repo.no_passphrase,
+        new_passphrase=None,
+        replacements=[(uri, Path(f"{external}.pub"))],
+        now=NOW,
+    )
+    assert f'snapshot = ["{uri}"]' in (digits_repo.workdir / "repo.toml").read_text()
+    # later commits open the URI from repo.toml
+    repo.promote(
+        digits_repo.workdir,
+        "digits",
+        "1.0.0",
+        channel="beta",
+        passphrase=repo.no_passphrase,
+        now=NOW,
+    )
+    assert new_client(server, tmp_path / "dev").get_targetinfo("channels/digits/beta.json")
