@@ -165,6 +165,7 @@ class Agent:
                 if mj.update is not None
                 and mj.state is not State.COMMITTED
                 and mj.update.version not in mj.failed
+                and mj.revision_for(mj.update.sha256) is None
             }
             client.clean_downloads(keep)
         previous = status.load(self.data)

@@ -51,7 +51,10 @@ def _root(
 def _agent(data_dir: Path | None) -> Any:
     from device_agent.agent import Agent
 
-    return Agent(config_mod.load(config_mod.resolve_data_dir(data_dir)))
+    data = config_mod.resolve_data_dir(data_dir)
+    cfg = config_mod.load(data)
+    config_mod.confine_temp(data)
+    return Agent(cfg)
 
 
 @app.command()

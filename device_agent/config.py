@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,24 @@ def load(data_dir: Path) -> AgentConfig:
         return AgentConfig(data_dir=data_dir, limits=limits, **raw)
     except TypeError as exc:
         raise InvalidInputError(f"{path}: {exc}", hint="remove or fix the unknown key") from None
+
+
+def confine_temp(data_dir: Path) -> Path:
+    """Point this process's temporary and cache files at ``DATA/tmp`` and ``DATA/cache``.
+
+    Measured: importing onnxruntime writes ``$TMPDIR/.ses`` and
+    ``$XDG_CACHE_HOME/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db}``
+    (``~/.cache`` without XDG_CACHE_HOME). Pointing both inside DATA keeps the
+    agent from writing anywhere else. Call before onnxruntime is imported.
+    """
+    tmp = data_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    cache = data_dir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(tmp)
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    tempfile.tempdir = None  # re-read TMPDIR on next use
+    return tmp
 
 
 def resolve_data_dir(value: Path | None) -> Path:
