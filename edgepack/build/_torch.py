@@ -26,7 +26,11 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise InvalidInputError("PyTorch is not installed", hint=TORCH_HINT) from _exc
 
-_OPERATOR = re.compile(r"(aten::[\w.]+|aten\.[\w.]+|prim::\w+|torch\.ops\.[\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Operators as torch names them (aten::add, aten.add.Tensor, mylib::op); not C++ namespaces.
+_OPERATOR = re.compile(
+    r"(torch\.ops\.[\w.]+|\b(?!onnxruntime|std|c10)[a-z_]\w*::[\w.]+|aten\.[\w.]+)"
+)
 
 
 def convert(model: Any, out_dir: Path, options: TorchOptions, sample: Feed | None) -> Converted:
@@ -54,23 +58,33 @@ def convert(model: Any, out_dir: Path, options: TorchOptions, sample: Feed | Non
     expected = reference(example)
     output_names = list(options.output_names or [f"output_{i}" for i in range(len(expected))])
     failures: list[tuple[str, str]] = []
+    operators: list[str] = []
     for exporter in ("dynamo",) if program else ("dynamo", "torchscript"):
         target = out_dir / exporter / "model.onnx"
         target.parent.mkdir()
+        dynamo = exporter == "dynamo"
         try:
             with quiet():
                 torch.onnx.export(
                     model if program else module,
                     () if program else args,
                     str(target),
-                    dynamo=exporter == "dynamo",
+                    dynamo=dynamo,
                     input_names=input_names,
-                    output_names=output_names,
-                    dynamic_axes=None if program else options.dynamic_axes,
-                    external_data=exporter == "dynamo",
+                    # The dynamo exporter may already use a wanted output name for an
+                    # intermediate value (an invalid model); outputs are renamed afterwards.
+                    output_names=None if dynamo else output_names,
+                    dynamic_axes=None
+                    if program
+                    else _axes(options.dynamic_axes, dynamo, input_names),
+                    external_data=dynamo,
                 )
+            if dynamo:
+                _rename_outputs(target, output_names)
         except Exception as exc:
-            failures.append((exporter, _describe(exc)))
+            text = _describe(exc)
+            failures.append((exporter, text))
+            operators += [m.group(1) for m in _OPERATOR.finditer(text)]
             continue
         problem = _check(target, reference, example, options.dynamic_axes)
         if problem:
@@ -87,12 +101,45 @@ def convert(model: Any, out_dir: Path, options: TorchOptions, sample: Feed | Non
             notes=notes,
         )
     detail = "; ".join(f"{name}: {why}" for name, why in failures)
-    operator = next((m.group(1) for _, why in failures if (m := _OPERATOR.search(why))), None)
-    what = f"operator {operator} is not supported" if operator else "the export failed"
+    what = f"operator {operators[0]} is not supported" if operators else "the export failed"
     raise InvalidInputError(
         f"cannot export the torch model to ONNX: {what} by either exporter ({detail})",
         hint="replace the operator, or export to ONNX yourself and build the .onnx file",
     )
+
+
+def _axes(declared: Any, dynamo: bool, inputs: Sequence[str]) -> Any:
+    """The dynamo exporter derives output shapes itself and knows inputs only by name."""
+    if not declared or not dynamo:
+        return declared
+    return {name: axes for name, axes in declared.items() if name in inputs} or None
+
+
+def _rename_outputs(path: Path, names: Sequence[str]) -> None:
+    """Give the graph outputs the wanted names, moving any intermediate value out of the way."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    if len(names) != len(graph.output):
+        return
+    changed = False
+    for output, wanted in zip(graph.output, names, strict=True):
+        current = output.name
+        if current == wanted:
+            continue
+        _rename_value(graph, wanted, f"{wanted}__inner")
+        _rename_value(graph, current, wanted)
+        changed = True
+    if changed:
+        onnx.save_model(model, str(path))
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        node.output[:] = [new if o == old else o for o in node.output]
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if value.name == old:
+            value.name = new
 
 
 def _reference(module: Any) -> Any:
@@ -185,7 +232,7 @@ def _shapes(feed: Feed) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(_ANSI.sub("", str(exc)).split())
     match = _OPERATOR.search(text)
     head = text[:240]
     if match and match.group(1) not in head:

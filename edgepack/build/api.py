@@ -51,6 +51,7 @@ class Staged:
     """Every variant of a build, before packing."""
 
     report: BuildReport
+    fp32: Path
     variants: list[Variant] = field(default_factory=list)
 
 
@@ -252,7 +253,7 @@ def build_variants(
         conversion_quality=conversion.as_dict() if conversion else None,
         notes=list(converted.notes),
     )
-    staged = Staged(report)
+    staged = Staged(report, fp32)
     quantizers: dict[bool, Quantizer] = {}
     for profile in profiles:
         kind = quantize or profile.quantization.recipe

@@ -25,7 +25,7 @@ from edgepack.build.validate import Outputs, Parity
 from edgepack.errors import EdgepackError, InvalidInputError
 
 RECIPES = ("none", "fp16", "dynamic", "static", "auto")
-WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 LARGE_MODEL = 1536 * 2**20  # above this, tools write external data (protobuf's limit is 2 GiB)
 MAX_EXCLUDED_WEIGHT_SHARE = 0.5
 MAX_SENSITIVITY_NODES = 96
@@ -235,11 +235,16 @@ class Quantizer:
         """Quantisable nodes with a constant weight, mapped to that weight's size in bytes."""
         model = onnx.load(str(self.prepared()), load_external_data=False)
         sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) * 4 for t in model.graph.initializer}
-        return {
-            node.name: max(sizes[i] for i in node.input if i in sizes)
-            for node in model.graph.node
-            if node.op_type in WEIGHTED_OPS and any(i in sizes for i in node.input)
-        }
+        weighted = {}
+        for node in model.graph.node:
+            slot = 0 if node.op_type == "Gather" else 1  # embedding table / weight matrix
+            if (
+                node.op_type in WEIGHTED_OPS
+                and len(node.input) > slot
+                and node.input[slot] in sizes
+            ):
+                weighted[node.name] = sizes[node.input[slot]]
+        return weighted
 
     def apply(self, recipe: Recipe, only: Sequence[str] | None = None) -> Path:
         """Write the model quantised with ``recipe`` to a fresh directory; return its path."""
@@ -276,6 +281,9 @@ class Quantizer:
         converted = convert_float_to_float16(
             model, keep_io_types=True, disable_shape_infer=self.large
         )
+        # keep_io_types appends the input Casts at the end of the node list; onnxruntime
+        # does not mind, onnx's checker (rightly) does.
+        _sort_nodes(converted.graph)
         _save(converted, target, self.large)
 
     def _dynamic(self, recipe: Recipe, target: Path, only: Sequence[str] | None) -> None:
@@ -287,8 +295,8 @@ class Quantizer:
             per_channel=recipe.per_channel,
             reduce_range=recipe.reduce_range,
             weight_type=QuantType.QUInt8 if recipe.weight_type == "uint8" else QuantType.QInt8,
-            nodes_to_quantize=list(only) if only else None,
-            nodes_to_exclude=list(recipe.exclude),
+            nodes_to_quantize=_with_gemm_names(only) if only else None,
+            nodes_to_exclude=_with_gemm_names(recipe.exclude),
             use_external_data_format=self.large,
             extra_options={"MatMulConstBOnly": True},
         )
@@ -325,6 +333,11 @@ class Quantizer:
         )
 
 
+def _with_gemm_names(names: Sequence[str]) -> list[str]:
+    """Dynamic quantisation turns Gemm ``X`` into MatMul ``X_MatMul`` first; name both."""
+    return [*names, *(f"{name}_MatMul" for name in names)]
+
+
 class _Reader:
     """onnxruntime CalibrationDataReader over our sample batches."""
 
@@ -340,6 +353,29 @@ class _Reader:
 
     def rewind(self) -> None:
         self._index = 0
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order nodes topologically (stable), as the ONNX spec requires."""
+    produced = {o for node in graph.node for o in node.output if o}
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(not i or i in ready or i not in produced for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle: leave the rest as it was for the checker
+            ordered.extend(rest)
+            break
+        pending = rest
+    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _name_nodes(path: Path, large: bool) -> None:

@@ -1,9 +1,132 @@
-"""Placeholder registration; filled in by the issue that builds these commands."""
+"""``edgepack build``: a trained model in, one verified bundle per hardware profile out.
+
+The builder (onnx, onnxruntime's quantisation tools, skl2onnx, torch) is
+imported only when the command runs, so the rest of the CLI starts fast.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import typer
+
+from edgepack.cli._keys import PASSPHRASE_ENV_OPTION
+from edgepack.cli._output import JSON_OPTION, emit
+
+RECIPE_HELP = "none | fp16 | dynamic | static | auto (default: the profile's recipe)."
+
+
+@contextmanager
+def _steps() -> Iterator[Callable[[str], None]]:
+    """A live progress line on stderr for the long steps (only when a person is watching)."""
+    if not sys.stderr.isatty():
+        yield lambda _step: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("building", total=None)
+        yield lambda step: progress.update(task, description=step)
+
+
+def build_command(
+    model: Path = typer.Argument(
+        ...,
+        help="The model: .onnx (+ external data), .pt2, or a pickle/joblib with --allow-pickle.",
+    ),
+    name: str = typer.Option(..., "--name", help="Model name: lowercase letters, digits, dashes."),
+    version: str = typer.Option(..., "--version", help="Release version, e.g. 1.2.0."),
+    hw: list[str] = typer.Option(
+        ..., "--hw", metavar="PROFILE", help="Hardware profile to build for (repeatable)."
+    ),
+    quantize: str | None = typer.Option(None, "--quantize", metavar="RECIPE", help=RECIPE_HELP),
+    min_cosine: float | None = typer.Option(
+        None, "--min-cosine", metavar="X", help="Quality target: mean cosine to fp32 at least X."
+    ),
+    max_accuracy_drop: float | None = typer.Option(
+        None,
+        "--max-accuracy-drop",
+        metavar="X",
+        help="Quality target: accuracy lost at most X (0.01 = one point; needs labels or a classifier).",
+    ),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", metavar="DATA", help="Calibration samples: .npy/.npz or a directory."
+    ),
+    validation: Path | None = typer.Option(
+        None, "--validation", metavar="DATA", help="Validation samples: .npy/.npz or a directory."
+    ),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Allow pickle/joblib model files (they can run code)."
+    ),
+    recipient: list[Path] = typer.Option(
+        ..., "--recipient", metavar="PUB", help="X25519 public key allowed to decrypt (repeatable)."
+    ),
+    sign_key: Path = typer.Option(
+        ..., "--sign-key", metavar="KEY", help="EC P-256 producer signing key."
+    ),
+    passphrase_env: str | None = PASSPHRASE_ENV_OPTION,
+    output: Path = typer.Option(
+        ..., "-o", "--output", metavar="OUTDIR", help="Directory to write the bundles into."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Convert, quantise and validate a model per hardware profile, then pack signed bundles."""
+    from edgepack.build import build
+    from edgepack.build.convert import PICKLE_RISK, PICKLE_SUFFIXES
+    from edgepack.keys import load_recipient_public_key, load_signing_key
+
+    recipients = [load_recipient_public_key(p) for p in recipient]
+    signer = load_signing_key(sign_key, passphrase_env)
+    if allow_pickle and model.suffix.lower() in PICKLE_SUFFIXES:
+        typer.echo(f"edgepack: warning: {PICKLE_RISK}", err=True)
+    with _steps() as step:
+        result = build(
+            model,
+            name=name,
+            version=version,
+            hw=hw,
+            out_dir=output,
+            recipients=recipients,
+            signer=signer,
+            quantize=quantize,
+            min_cosine=min_cosine,
+            max_accuracy_drop=max_accuracy_drop,
+            calibration=calibration,
+            validation=validation,
+            allow_pickle=allow_pickle,
+            progress=step,
+        )
+    data = result.report.as_dict()
+    data["bundles"] = [str(p) for p in result.bundles]
+    data["report_file"] = str(result.report_path)
+
+    def human() -> None:
+        from rich.console import Console
+
+        from edgepack.build.report import render
+
+        console = Console()
+        render(result.report, console)
+        for path in result.bundles:
+            console.print(f"wrote {path}")
+        console.print(f"report: {result.report_path}")
+
+    emit(data, as_json, human)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to app."""
+    """Add ``build`` to ``app``."""
+    app.command("build")(build_command)
+
+
+__all__ = ["register"]
