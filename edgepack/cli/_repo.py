@@ -139,11 +139,29 @@ def add_model_command(
 def refresh_command(
     workdir: Path = typer.Argument(..., help="The repository."),
     force: bool = typer.Option(False, "--force", help="Re-sign even when nothing is due."),
+    role: str | None = typer.Option(
+        None,
+        "--role",
+        metavar="ROLE",
+        help="Re-sign this role now with a new expiry: root, targets, operators, "
+        "model-NAME (with --key), snapshot or timestamp.",
+    ),
+    key: str | None = typer.Option(
+        None, "--key", metavar="KEY", help="Key for --role (PEM or signer URI)."
+    ),
     passphrase_env: str | None = PASSPHRASE_ENV,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Re-sign snapshot and timestamp when inside their refresh window (quiet otherwise)."""
-    result = repo.refresh(workdir, passphrase=_passphrases(passphrase_env), force=force)
+    """Re-sign snapshot and timestamp when inside their refresh window (quiet otherwise).
+
+    With --role, re-sign that role (and snapshot, timestamp) now: for roles no
+    daily work re-signs, before `repo status` warns they expire.
+    """
+    source = _passphrases(passphrase_env)
+    if role is not None:
+        result = repo.resign(workdir, role, passphrase=source, key=key)
+    else:
+        result = repo.refresh(workdir, passphrase=source, force=force)
 
     def human() -> None:
         if result.versions:
@@ -215,10 +233,18 @@ def publish_command(
     operator_key: str | None = typer.Option(
         None, "--operator-key", metavar="KEY", help="Operators' key, with --channel."
     ),
+    trust: Path | None = typer.Option(
+        None,
+        "--trust",
+        metavar="POLICY",
+        help="Check each producer signature first (trust policy file or producer .pub).",
+    ),
     passphrase_env: str | None = PASSPHRASE_ENV,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add bundles as targets under the model team's role."""
+    from edgepack.signing import load_trust_policy
+
     result = repo.publish(
         workdir,
         bundles,
@@ -226,6 +252,7 @@ def publish_command(
         passphrase=_passphrases(passphrase_env),
         channel=channel,
         operator_key=operator_key,
+        policy=load_trust_policy(trust) if trust else None,
     )
 
     def human() -> None:

@@ -252,6 +252,14 @@ def bin_count(store: Store, name: str) -> int:
     return 0 if succinct is None else succinct.number_of_bins
 
 
+def bin_names(store: Store, name: str) -> list[str]:
+    """The hash bins of a model that exist in the repository."""
+    succinct = _succinct(store.role(model_role(name)))
+    if succinct is None:
+        return []
+    return [b for b in succinct.get_roles() if store.has_role(b)]
+
+
 def _holder_for(store: Store, role: str, top: Metadata[Targets], path: str) -> str:
     if not path.startswith(f"models/{role[len('model-') :]}/"):
         raise InvalidInputError(f"{path} is outside the paths of role {role!r}")

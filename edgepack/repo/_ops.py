@@ -12,7 +12,7 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack import channel as ch
 from edgepack.errors import InvalidInputError, KeyFileError
@@ -36,6 +36,9 @@ from edgepack.repo._settings import (
 )
 from edgepack.repo._store import LOCK_WAIT_SECONDS, Store, publish_lock, utcnow, write_atomic
 from edgepack.repo._tuf import DelegatedRole, Delegations, Metadata, Root, Signer, Targets
+
+if TYPE_CHECKING:
+    from edgepack.signing import TrustPolicy
 
 BundleReader = Callable[[Path], _models.BundleInfoLike]
 
@@ -175,13 +178,15 @@ def publish(
     operator_key: str | None = None,
     now: datetime | None = None,
     reader: BundleReader | None = None,
+    policy: TrustPolicy | None = None,
     lock_wait: float = LOCK_WAIT_SECONDS,
 ) -> Result:
     """Add bundles as targets under their model team's role (one per variant).
 
-    Each bundle is read (``read_info`` fails on a malformed bundle) before the
-    lock is taken; with ``channel`` the new versions are also promoted there,
-    all in one commit.
+    Each bundle is read (``read_info`` fails on a malformed bundle) and, with
+    a trust ``policy``, its producer signature is checked as ``edgepack
+    verify`` does, all before the lock is taken; with ``channel`` the new
+    versions are also promoted there, all in one commit.
     """
     if not bundles:
         raise InvalidInputError("no bundle to publish")
@@ -189,6 +194,11 @@ def publish(
         ch.check_channel_name(channel)
     read = reader or _read_info
     infos = [read(Path(b)) for b in bundles]
+    if policy is not None:
+        from edgepack.bundle import check_signature, read_info
+
+        for bundle in bundles:
+            check_signature(read_info(Path(bundle)), policy)
     new = [_models.describe_bundle(i) for i in infos]
     by_model: dict[str, list[_models.NewTarget]] = {}
     for info, item in zip(infos, new, strict=True):
@@ -423,3 +433,49 @@ def rotate_key(
     return Result(
         result.versions, {"role": role, "keys": new_specs, "keyids": [k.keyid for k in new_keys]}
     )
+
+
+def resign(
+    workdir: Path,
+    role: str,
+    *,
+    passphrase: PassphraseSource,
+    key: str | None = None,
+    now: datetime | None = None,
+) -> Result:
+    """Sign a new version of ``role`` with a fresh expiry and no other change.
+
+    For roles that are not re-signed by daily work: root and targets (by the
+    key ceremony), operators, and a model team's role with all its bins
+    (``model-NAME``, with the team's ``key``).
+    """
+    paths, settings, store = open_store(workdir, passphrase, now)
+    specs = [key] if key else None
+    with publish_lock(paths):
+        store.snapshot()
+        store.role(TARGETS)
+        if role == ROOT:
+            root_md: Metadata[Root] = deepcopy(store.root())
+            signers = store.signers(ROOT, specs)
+            root_md.signed.version += 1
+            root_md.signed.expires = store.now + timedelta(days=settings.expiry_days[ROOT])
+            store.stage_root(root_md, signers)
+        elif role in (TARGETS, OPERATORS):
+            store.stage(role, deepcopy(store.role(role)), store.signers(role, specs))
+        elif role in (SNAPSHOT, TIMESTAMP):
+            if specs:
+                store.use_signers(role, store.signers(role, specs))
+        elif role.startswith("model-"):
+            name = role[len("model-") :]
+            if not key:
+                raise KeyFileError(f"re-signing {role} needs the team's key", hint="pass --key")
+            signer = _models.team_signer(store, [name], key)
+            if not store.has_role(role):
+                raise InvalidInputError(f"model {name!r} has no published release yet")
+            store.stage(role, deepcopy(store.role(role)), [signer])
+            for bin_name in _models.bin_names(store, name):
+                store.stage(bin_name, deepcopy(store.role(bin_name, parent=role)), [signer])
+        else:
+            raise InvalidInputError(f"unknown role {role!r}", hint="see `edgepack repo status`")
+        result = store.commit(force_snapshot=role != TIMESTAMP, force_timestamp=True)
+    return Result(result.versions, {"resigned": role})

@@ -52,7 +52,7 @@ def status(store: Store) -> dict[str, Any]:
         releases = _models.releases(store, model)  # loads every bin
         if bins:
             earliest = min(
-                (store.role(b, parent=role) for b in _bin_names(store, model)),
+                (store.role(b, parent=role) for b in _models.bin_names(store, model)),
                 key=lambda m: m.signed.expires,
             )
             if earliest.signed.expires < md.signed.expires:
@@ -93,14 +93,6 @@ def status(store: Store) -> dict[str, Any]:
         if r["state"] != "ok"
     ]
     return {"roles": roles, "models": models, "channels": channels, "warnings": warnings}
-
-
-def _bin_names(store: Store, model: str) -> list[str]:
-    role = _models.model_role(model)
-    delegations = store.role(role).signed.delegations
-    if delegations is None or delegations.succinct_roles is None:
-        return []
-    return [b for b in delegations.succinct_roles.get_roles() if store.has_role(b)]
 
 
 def open_status(workdir: Path, now: datetime | None = None) -> dict[str, Any]:

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from edgepack import repo
-from edgepack.errors import BundleFormatError, InvalidInputError, KeyFileError
+from edgepack.errors import (
+    BundleFormatError,
+    InvalidInputError,
+    KeyFileError,
+    VerificationError,
+)
 from tests.repo.conftest import NOW, Producer, Repo, make_bundle, team_key, tree_hash
 
 
@@ -32,6 +37,22 @@ def test_bundle_failing_verification(
     with pytest.raises(BundleFormatError):
         digits_repo.publish(not_a_bundle)
     assert tree_hash(digits_repo.workdir) == before
+
+
+def test_bundle_from_an_untrusted_producer(
+    digits_repo: Repo, producer: Producer, one_release: Path
+) -> None:
+    from edgepack.keys import generate_signing_key
+    from edgepack.signing import TrustPolicy
+
+    bundle = make_bundle(digits_repo.bundles, producer, "digits", "2.0.0")
+    stranger = TrustPolicy.from_keys([generate_signing_key().public_key()])
+    before = tree_hash(digits_repo.workdir)
+    with pytest.raises(VerificationError):
+        digits_repo.publish(bundle, policy=stranger)
+    assert tree_hash(digits_repo.workdir) == before
+    trusted = TrustPolicy.from_keys([producer.signing.public_key()])
+    assert digits_repo.publish(bundle, policy=trusted).summary["targets"]
 
 
 def test_duplicate_version(digits_repo: Repo, producer: Producer, one_release: Path) -> None:

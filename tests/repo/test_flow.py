@@ -171,3 +171,27 @@ def test_status_reports_roles_models_channels_and_warns_early(
     warned = {w.split()[1] for w in soon["warnings"]}
     assert {"root", "targets", "operators", "model-digits", "timestamp", "snapshot"} <= warned
     assert {r["role"]: r["state"] for r in soon["roles"]}["root"] == "warning"
+
+
+def test_resign_extends_roles_no_daily_work_touches(
+    digits_repo: Repo, server: Server, producer: Producer, tmp_path: Path
+) -> None:
+    from edgepack.errors import KeyFileError
+
+    digits_repo.publish(make_bundle(digits_repo.bundles, producer, "digits", "1.0.0"))
+    later = NOW + timedelta(days=300)
+    kw = {"passphrase": repo.no_passphrase, "now": later}
+    for role in ("root", "targets", "operators"):
+        assert role in repo.resign(digits_repo.workdir, role, **kw).versions  # type: ignore[arg-type]
+    with pytest.raises(KeyFileError, match="needs the team's key"):
+        repo.resign(digits_repo.workdir, "model-digits", **kw)  # type: ignore[arg-type]
+    repo.resign(digits_repo.workdir, "model-digits", key=str(digits_repo.team_private), **kw)  # type: ignore[arg-type]
+    report = repo.open_status(digits_repo.workdir, NOW + timedelta(days=400))
+    assert {r["role"] for r in report["roles"] if r["state"] == "ok"} >= {
+        "root",
+        "targets",
+        "operators",
+        "model-digits",
+    }
+    device = new_client(server, tmp_path / "dev", when=NOW + timedelta(days=300, hours=1))
+    assert device.get_targetinfo("models/digits/digits-1.0.0-any.epk") is not None
