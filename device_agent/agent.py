@@ -176,7 +176,8 @@ class Agent:
             stale=stale,
             previous=previous,
         )
-        status.write(self.data, doc)
+        with contextlib.suppress(OSError):  # the status file is a report, best effort
+            status.write(self.data, doc)
         return outcomes
 
     def _poll_model(self, client: TufClient, name: str) -> Outcome:
@@ -210,11 +211,25 @@ class Agent:
             EdgepackError,
             OSError,
         ) as exc:
+            self._after_error(client, name, exc)
+            return Outcome(name, "error", slots.current(), error=_describe(exc))
+
+    def _after_error(self, client: TufClient, name: str, exc: BaseException) -> None:
+        """Clean up after a failed update; the current revision is untouched."""
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        remove_tree(slots.staging_root)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and mj.update is not None:
+            # A resumable partial is worthless on a full disk: give its space back first.
+            client.clean_downloads(set())
+        try:
             if mj.state is not State.IDLE:
                 self.journal.enter(name, State.IDLE)
             self._forget_unknown(name)
-            remove_tree(slots.staging_root)
-            return Outcome(name, "error", slots.current(), error=_describe(exc))
+        except OSError:
+            # Even the journal cannot be written: the saved state stays as it was and
+            # start-up recovery sorts it out on the next run.
+            pass
 
     def _apply(self, client: TufClient, name: str, version: str, info: Any) -> Outcome:
         mj = self.journal.model(name)
@@ -398,15 +413,20 @@ class Agent:
         target = None
         if mj.confirm and mj.confirm.get("revision") == current:
             target = mj.confirm.get("previous")
-        candidates = [r for r in reversed(mj.healthy_revisions()) if r != current]
+        # Known good, not revoked, not failed here (a reverted-from release counts as failed).
+        candidates = [
+            r
+            for r in reversed(mj.healthy_revisions())
+            if r != current
+            and mj.revisions[r].version not in mj.revoked
+            and mj.revisions[r].version not in mj.failed
+        ]
         if target not in candidates:
-            target = None
-        for rev in candidates:
-            if target is None and mj.revisions[rev].version not in mj.revoked:
-                target = rev
-        if target is None or mj.revisions[target].version in mj.revoked:
+            target = candidates[0] if candidates else None
+        if target is None:
             raise NoRevisionError(
-                f"{name} has no earlier known-good, unrevoked revision to go back to"
+                f"{name} has no earlier known-good, unrevoked revision to go back to",
+                hint="the current revision keeps running",
             )
         if current in mj.revisions:
             mj.failed[mj.revisions[current].version] = why

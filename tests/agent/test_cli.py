@@ -1,0 +1,93 @@
+"""The ``edgepack-agent`` commands, run as the real console program."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.agent._support import MODEL, World
+
+
+def agent(*args: str, env_data: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("EDGEPACK_DATA_DIR", None)
+    if env_data is not None:
+        env["EDGEPACK_DATA_DIR"] = str(env_data)
+    return subprocess.run(
+        [sys.executable, "-m", "device_agent", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+def test_enroll_run_status_list_revert(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    world.publish("1.0.0", 2.0)
+    out = agent(
+        "enroll",
+        "--repo-url",
+        world.server.url,
+        "--root",
+        str(world.root_json),
+        "--model",
+        MODEL,
+        "--trust",
+        str(world.producer_pub),
+        "--data-dir",
+        str(data),
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    enrolled = json.loads(out.stdout)
+    assert enrolled["device_id"].startswith("dev-")
+    pub = Path(enrolled["public_key"])
+    assert pub.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    assert (data / "keys" / "device.key").stat().st_mode & 0o777 == 0o600
+    # the device's own key is not a recipient of this bundle yet: the release fails safely
+    out = agent("run", "--once", "--json", env_data=data)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["action"] == "failed"
+    # re-enrol with the fleet key (same data dir): installs
+    out = agent(
+        "enroll",
+        "--repo-url",
+        world.server.url,
+        "--root",
+        str(world.root_json),
+        "--model",
+        MODEL,
+        "--trust",
+        str(world.producer_pub),
+        "--data-dir",
+        str(data),
+        "--recipient-key",
+        str(world.fleet_key_path),
+    )
+    assert out.returncode == 0, out.stderr
+    world.publish("1.0.1", 2.5)
+    assert json.loads(agent("run", "--once", "--json", env_data=data).stdout)[0]["action"] == (
+        "installed"
+    )
+    world.publish("2.0.0", 3.0)
+    assert agent("run", "--once", env_data=data).returncode == 0
+    status = json.loads(agent("status", "--json", env_data=data).stdout)
+    assert status["models"][MODEL]["version"] == "2.0.0"
+    listed = json.loads(agent("list", MODEL, "--json", "--data-dir", str(data)).stdout)
+    assert [r["active"] for r in listed[MODEL]] == [False, True]
+    out = agent("revert", MODEL, "--json", env_data=data)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["revision"].startswith("1.0.1-")
+    out = agent("revert", MODEL, env_data=data)  # nothing earlier is known good now
+    assert out.returncode == 3 and "error:" in out.stderr and "\n" not in out.stderr.strip()
+
+
+def test_not_enrolled_is_one_clear_line(tmp_path: Path) -> None:
+    out = agent("status", "--data-dir", str(tmp_path / "nothing"))
+    assert out.returncode == 3
+    assert "enroll" in out.stderr and out.stderr.count("\n") == 1

@@ -1,0 +1,77 @@
+"""A full disk during download and during install, on a small tmpfs holding DATA."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device_agent.slots import Slots
+from tests.agent._support import MODEL, World, fast_limits
+from tests.agent.conftest import poll
+
+BIG = 1_500_000  # bytes of incompressible weights in release 2.0.0
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Leave about ``leave`` bytes free on the tmpfs."""
+    import shutil
+
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def _setup(world: World, disk: Path, **limits: object) -> tuple[Path, str]:
+    data = disk / "data"
+    world.enroll(data, fast_limits(**limits))
+    world.publish("1.0.0", 2.0, pad_bytes=100_000)
+    assert poll(data).action == "installed"
+    v1 = str(Slots(data, MODEL).current())
+    world.publish("2.0.0", 3.0, pad_bytes=BIG)
+    return data, v1
+
+
+@pytest.mark.parametrize("leave", [200_000, 2_000_000], ids=["during-download", "during-install"])
+def test_disk_fills_up_mid_update(world: World, disk: Path, leave: int) -> None:
+    # A negative margin switches the free-space check off: another process takes the space.
+    data, v1 = _setup(world, disk, free_space_margin_bytes=-(10**9))
+    filler = _fill(disk, leave)
+    out = poll(data)
+    assert out.action == "error" and "space" in str(out.error)
+    slots = Slots(data, MODEL)
+    assert slots.current() == v1 and slots.installed() == [v1]
+    assert not list((data / "staging").rglob("*.onnx"))
+    filler.unlink()
+    out = poll(data)
+    assert out.action == "installed", out.error
+    assert str(slots.current()).startswith("2.0.0") and v1 in slots.installed()
+
+
+def test_free_space_check_refuses_before_downloading(world: World, disk: Path) -> None:
+    data, v1 = _setup(world, disk)
+    _fill(disk, 500_000)
+    world.server.requests.clear()
+    out = poll(data)
+    assert out.action == "error" and "bytes free" in str(out.error)
+    assert world.server.bundle_requests() == []
+    assert Slots(data, MODEL).current() == v1
