@@ -78,7 +78,7 @@ def init(
         raise InvalidInputError(
             f"root threshold {root_threshold} must be between 1 and the {root_keys} root keys"
         )
-    if paths.settings.exists() or paths.metadata.exists():
+    if paths.settings.exists() or paths.metadata.exists() or any(paths.keys.glob("*.key")):
         raise InvalidInputError(
             f"{workdir} already holds a repository", hint="pick an empty directory"
         )
