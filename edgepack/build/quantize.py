@@ -26,6 +26,10 @@ from edgepack.errors import EdgepackError, InvalidInputError
 
 RECIPES = ("none", "fp16", "dynamic", "static", "auto")
 WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+# Dynamic int8 leaves convolutions in fp32: onnxruntime's ConvInteger runs about 6x slower
+# than the fp32 Conv on CPU (digits CNN, benchmarks/bench_quantize.py). Static QDQ covers CNNs.
+DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "Attention", "LSTM", "EmbedLayerNormalization")
+SAME_SPEED = 1.15  # latencies within 15% count as equal when choosing between recipes
 LARGE_MODEL = 1536 * 2**20  # above this, tools write external data (protobuf's limit is 2 GiB)
 MAX_EXCLUDED_WEIGHT_SHARE = 0.5
 MAX_SENSITIVITY_NODES = 96
@@ -130,6 +134,7 @@ class Trial:
     metric: float | None
     unmet: list[str]
     size: int
+    latency_ms: float
 
     @property
     def passes(self) -> bool:
@@ -148,6 +153,7 @@ class Trial:
             "quality": self.parity.as_dict(),
             "metric": self.metric,
             "size_bytes": self.size,
+            "latency_ms": round(self.latency_ms, 3),
             "meets_target": self.passes,
             "unmet": self.unmet,
         }
@@ -170,8 +176,15 @@ class Evaluator:
         outputs = validate.run(session, self.validation.batches)
         parity = validate.parity(self.reference, outputs, self.validation.labels, self.classifier)
         metric = self.target.metric(self.reference, outputs) if self.target.metric else None
+        latency = validate.latency_ms(session, self.validation.batches[0], repeats=10, budget_s=0.5)
         trial = Trial(
-            recipe, path, parity, metric, self.target.unmet(parity, metric), tree_size(path.parent)
+            recipe,
+            path,
+            parity,
+            metric,
+            self.target.unmet(parity, metric),
+            tree_size(path.parent),
+            latency,
         )
         self.trials.append(trial)
         return trial
@@ -298,6 +311,7 @@ class Quantizer:
             nodes_to_quantize=_with_gemm_names(only) if only else None,
             nodes_to_exclude=_with_gemm_names(recipe.exclude),
             use_external_data_format=self.large,
+            op_types_to_quantize=list(DYNAMIC_OPS),
             extra_options={"MatMulConstBOnly": True},
         )
 
@@ -329,7 +343,9 @@ class Quantizer:
             use_external_data_format=self.large,
             # MinMax: percentile/entropy calibrators crash on variable-length batches.
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"MatMulConstBOnly": True},
+            # The int32-bias weight-scale adjustment crashes on per-channel Gemm weights
+            # (onnxruntime 1.32: "truth value of an array ... is ambiguous").
+            extra_options={"MatMulConstBOnly": True, "QDQDisableWeightAdjustForInt32Bias": True},
         )
 
 
@@ -444,12 +460,21 @@ def _auto(
         progress(recipe.label())
         trials.append(evaluator.evaluate(recipe, quantizer.apply(recipe)))
     best = max(trials, key=Trial.score)
-    tried = ", ".join(f"{t.recipe.label()}: cosine {t.parity.mean_cosine:.4f}" for t in trials)
-    if best.passes:
+    tried = ", ".join(
+        f"{t.recipe.label()}: cosine {t.parity.mean_cosine:.4f}, {t.latency_ms:.2f} ms"
+        for t in trials
+    )
+    passing = [t for t in trials if t.passes]
+    if passing:
+        # Among recipes that meet the target the fastest wins; near-ties go to the smaller.
+        fastest = min(t.latency_ms for t in passing)
+        quick = [t for t in passing if t.latency_ms <= fastest * SAME_SPEED]
+        chosen = min(quick, key=lambda t: (t.size, -t.parity.mean_cosine))
+        why = "the fastest that meets" if len(passing) > 1 else "meets"
         return Choice(
-            best,
-            f"{best.recipe.label()} meets the target "
-            f"({evaluator.target.describe()}) with nothing kept in fp32 ({tried}{skipped})",
+            chosen,
+            f"{chosen.recipe.label()} is {why} the target ({evaluator.target.describe()}) with "
+            f"nothing kept in fp32 (tried {tried}{skipped})",
         )
     progress("measuring per-node sensitivity")
     ranking = _sensitivity(best.recipe, list(weights)[:MAX_SENSITIVITY_NODES], quantizer, evaluator)

@@ -53,7 +53,7 @@ def test_digits_cnn_int8_loses_under_one_point(cnn: Any, digits: Digits, tmp_pat
     assert quality["reference_accuracy"] == pytest.approx(torch_accuracy, abs=0.002)
     assert variant.recipe in ("dynamic", "static")
     assert quality["reference_accuracy"] - quality["accuracy"] < 0.01
-    assert variant.size_ratio < 0.5
+    assert variant.size_ratio < 0.6
     assert [t["recipe"].split()[0] for t in variant.tried][:2] == ["dynamic", "static"]
     replay_health(staged.variants[0].model_dir, staged.variants[0].health)
 
