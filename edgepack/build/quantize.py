@@ -109,7 +109,11 @@ class Target:
             elif drop > self.max_accuracy_drop + 1e-12:
                 reasons.append(f"accuracy drop {drop:.4f} > {self.max_accuracy_drop}")
         if self.min_metric is not None and (metric_value is None or metric_value < self.min_metric):
-            reasons.append(f"metric {metric_value} < {self.min_metric}")
+            reasons.append(
+                f"metric {metric_value:.4g} < {self.min_metric}"
+                if metric_value is not None
+                else "no metric value"
+            )
         return reasons
 
     def describe(self) -> str:
@@ -544,5 +548,7 @@ def _fail(message: str, evaluator: Evaluator) -> None:
             f" ({evaluator.target.describe()}); best reached: {best.recipe.label()} with mean "
             f"cosine {figures.mean_cosine:.4f}, min cosine {figures.min_cosine:.4f}"
             + (f", accuracy drop {drop:.4f}" if drop is not None else "")
+            + (f", metric {best.metric:.4g}" if best.metric is not None else "")
+            + f" ({'; '.join(best.unmet)})"
         )
     raise QualityTargetError(message, best=best, tried=list(evaluator.trials))
