@@ -12,13 +12,14 @@ trustworthy; TUF and the bundle reader do.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from tuf.api import exceptions
@@ -100,7 +101,7 @@ class AgentFetcher(FetcherInterface):
             try:
                 while True:
                     try:
-                        chunk = resp.read1(min(self.limits.chunk_bytes, 256 * 1024))
+                        chunk = resp.read1(self.limits.chunk_bytes)
                     except (OSError, http.client.HTTPException) as exc:
                         raise exceptions.DownloadError(f"download of {url} cut: {exc}") from exc
                     if not chunk:
@@ -163,27 +164,35 @@ class AgentFetcher(FetcherInterface):
             temp_file.seek(0)
             yield temp_file
 
-    def download_resumable(self, url: str, part: Path, length: int) -> Path:
+    def download_resumable(
+        self, url: str, part: Path, length: int, algorithms: tuple[str, ...] = ("sha256",)
+    ) -> dict[str, str]:
         """Download ``url`` into ``part``, continuing what an earlier run left there.
 
         The partial file survives restarts; a server that ignores ``Range``
         makes the download start over. Stops with ``DownloadLengthMismatchError``
-        past ``length`` bytes and with ``DownloadError`` when cut short. The
-        caller verifies the complete file before using it.
+        past ``length`` bytes and with ``DownloadError`` when cut short.
+        Returns the hex digests of the whole file, hashed as the bytes stream
+        in (a resumed prefix is re-read once), so the caller can verify the
+        file without a second pass over it.
         """
         part.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
         if have > length:
             part.unlink()
             have = 0
+        hashers = [hashlib.new(a) for a in algorithms]
         if have == length:
-            return part
+            _hash_file(part, hashers)
+            return {a: h.hexdigest() for a, h in zip(algorithms, hashers, strict=True)}
         try:
             start, chunks = self._open(url, have)
         except exceptions.DownloadError:
             raise
         except Exception as exc:
             raise exceptions.DownloadError(f"failed to download {url}: {exc}") from exc
+        if start:
+            _hash_file(part, hashers)
         total = start
         with open(part, "ab" if start == have else "wb") as out:
             if start == 0:
@@ -196,6 +205,8 @@ class AgentFetcher(FetcherInterface):
                             f"{url} is longer than the {length} bytes its metadata promises"
                         )
                     out.write(chunk)
+                    for h in hashers:
+                        h.update(chunk)
                     crashpoint("download-chunk")
             finally:
                 with contextlib.suppress(OSError):
@@ -203,4 +214,11 @@ class AgentFetcher(FetcherInterface):
                     os.fsync(out.fileno())
         if total < length:
             raise exceptions.DownloadError(f"{url} ended after {total} of {length} bytes")
-        return part
+        return {a: h.hexdigest() for a, h in zip(algorithms, hashers, strict=True)}
+
+
+def _hash_file(path: Path, hashers: list[Any]) -> None:
+    with open(path, "rb") as fh:
+        while block := fh.read(1024 * 1024):
+            for h in hashers:
+                h.update(block)

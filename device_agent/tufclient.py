@@ -110,14 +110,19 @@ class TufClient:
         if final.exists():
             return final
         part = self.downloads / f"{sha256}.part"
-        self.fetcher.download_resumable(self.target_url(info), part, info.length)
+        algorithms = tuple(sorted(info.hashes))
         try:
-            with open(part, "rb") as fh:
-                info.verify_length_and_hashes(fh)
-        except exceptions.LengthOrHashMismatchError:
+            got = self.fetcher.download_resumable(
+                self.target_url(info), part, info.length, algorithms
+            )
+        except ValueError as exc:  # an unknown hash algorithm in the metadata
+            raise exceptions.RepositoryError(f"{info.path}: {exc}") from exc
+        if any(got[a] != info.hashes[a] for a in algorithms):
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
-            raise
+            raise exceptions.LengthOrHashMismatchError(
+                f"{info.path}: the downloaded bytes do not match the TUF hashes"
+            )
         part.replace(final)
         _atomic.fsync_dir(self.downloads)
         return final
