@@ -7,6 +7,7 @@ import threading
 
 from device_agent.agent import Agent, Outcome, locked
 from device_agent.config import Limits
+from edgepack.errors import EdgepackError
 
 
 def next_delay(failures: int, limits: Limits, rng: random.Random) -> float:
@@ -39,6 +40,9 @@ def run(agent: Agent, *, stop: threading.Event | None = None, seed: int | None =
     rng = random.Random(seed)  # noqa: S311 - jitter, not security
     failures = 0
     while not stop.is_set():
-        outcomes = poll_once(agent)
+        try:
+            outcomes = poll_once(agent)
+        except EdgepackError as exc:  # e.g. a local command holds the lock: try again later
+            outcomes = [Outcome(m, "error", error=exc.diagnostics()) for m in agent.config.models]
         failures = failures + 1 if failed(outcomes) else 0
         stop.wait(next_delay(failures, agent.config.limits, rng))

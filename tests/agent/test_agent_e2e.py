@@ -251,3 +251,86 @@ def test_older_channel_document_is_ignored(world: World, data: Path) -> None:
     out = poll(data)
     assert out.action == "error" and "older than" in str(out.error)
     assert current(data) == rev
+
+
+def test_bundle_with_escaping_external_data_is_refused(world: World, data: Path) -> None:
+    import onnx
+
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    good = current(data)
+    # a release whose model points its weights outside the revision folder
+    src = world.base / "src-evil"
+    from tests.agent._support import make_model_dir
+
+    meta = make_model_dir(src, 3.0)
+    model = onnx.load(str(src / "model.onnx"))
+    w = model.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.ClearField("float_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "../../../../etc/hostname"), ("offset", "0"), ("length", "16")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    (src / "model.onnx").write_bytes(model.SerializeToString())
+    from edgepack import bundle
+    from edgepack.signing import ProducerKeySigner
+
+    packed = bundle.pack(
+        src,
+        world.base / "bundles",
+        name=MODEL,
+        version="2.0.0",
+        recipients=[world.fleet_key.public_key()],
+        signer=ProducerKeySigner(world.producer_key),
+        health=meta,
+    ).path
+    world.repo.promote("2.0.0", world.repo.add_bundle(packed, "2.0.0"))
+    out = poll(data)
+    assert out.action == "failed" and "'..'" in str(out.error)
+    assert current(data) == good and len(Slots(data, MODEL).installed()) == 1
+
+
+def test_crash_loop_ends_with_the_release_marked_failed(world: World, data: Path) -> None:
+    from device_agent.agent import MAX_ATTEMPTS
+    from device_agent.state import Journal, State, Update
+
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    good = current(data)
+    world.publish("2.0.0", 3.0)
+    target = world.targets["2.0.0"]
+    info = world.repo.delegated["team"].signed.targets[target]
+    sha = info.hashes["sha256"]
+    # as if the new model killed the agent during each of its health checks
+    for _ in range(MAX_ATTEMPTS):
+        j = Journal.load(data)
+        mj = j.model(MODEL)
+        attempts = mj.update.attempts if mj.update and mj.update.sha256 == sha else 0
+        mj.update = Update(target, "2.0.0", sha, info.length, f"2.0.0-{sha[:12]}", good, attempts)
+        mj.state = State.HEALTH_CHECKING
+        j.save()
+        with locked(data):
+            Agent(config.load(data)).recover()
+    world.server.requests.clear()
+    out = poll(data)
+    assert out.action == "failed" and "interrupted" in str(out.error)
+    assert current(data) == good and world.server.bundle_requests() == []
+
+
+def test_run_loop_polls_then_stops(world: World, data: Path) -> None:
+    import threading
+
+    from device_agent import loop
+
+    world.publish("1.0.0", 2.0)
+    agent = Agent(config.load(data))
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(agent,), kwargs={"stop": stop, "seed": 1})
+    thread.start()
+    deadline = time.monotonic() + 20
+    while current(data) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive() and current(data) is not None
