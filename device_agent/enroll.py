@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from device_agent import config as config_mod
-from device_agent import hwdetect, tufclient
+from device_agent import tufclient
 from device_agent.config import AgentConfig, Limits
 from edgepack import keys
 from edgepack.errors import InvalidInputError
@@ -55,8 +55,6 @@ def enroll(
     limits: Limits | None = None,
 ) -> Enrolment:
     """Enrol this device; everything written stays inside ``data_dir``."""
-    if profile != hwdetect.AUTO:
-        hwdetect.choose_profile(profile)  # a named profile must suit this machine
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o755)
     try:

@@ -43,12 +43,30 @@ class Device:
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> Device:
-        """Resolve ``auto`` values of the configuration on this machine."""
-        arch = config.architecture or machine_architecture()
+        """Resolve ``auto`` values of the configuration on this machine.
+
+        A profile named at enrolment is the operator's word on the device class
+        (e.g. a board whose firmware hides its model, or an emulated device):
+        its architecture is used unless the configuration names one.
+        """
         profile: str | None = config.profile
         if profile in ("", "auto"):
             profile = detect_profile()
+            arch = config.architecture or machine_architecture()
+        else:
+            arch = config.architecture or _profile_architecture(profile) or machine_architecture()
         return cls(config.device_id, arch, profile, config.cohort or None)
+
+
+def _profile_architecture(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        from edgepack.hw import load_profile
+
+        return load_profile(name).architecture
+    except Exception:  # an unknown profile name: fall back to the machine's architecture
+        return None
 
 
 def parse_for(data: bytes, model: str, channel: str, seen_sequence: int) -> ChannelDocument:

@@ -135,19 +135,3 @@ def test_offline_source_missing_file_is_404(tmp_path: Path) -> None:
     with pytest.raises(exceptions.DownloadHTTPError) as info:
         list(fetcher.fetch((tmp_path / "nope.json").as_uri()))
     assert info.value.status_code == 404
-
-
-def test_enroll_refuses_a_profile_for_another_machine(tmp_path: Path) -> None:
-    from device_agent import enroll, selection
-    from device_agent.hwdetect import HardwareMismatchError
-
-    other = "raspberry-pi-4" if selection.machine_architecture() == "x86_64" else "intel-nuc"
-    with pytest.raises(HardwareMismatchError):
-        enroll.enroll(
-            tmp_path / "d",
-            repo_url="http://127.0.0.1:9",
-            root=tmp_path / "r.json",
-            models=["m"],
-            profile=other,
-        )
-    assert not (tmp_path / "d").exists()  # nothing written

@@ -1,0 +1,116 @@
+"""The agent against the project's own repository tool (``edgepack.repo``): delegations,
+hash-bin layout, per-profile variants, rollback and revocation as operators publish them."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device_agent import enroll
+from device_agent.config import AgentConfig
+from device_agent.selection import Device
+from device_agent.slots import Slots
+from edgepack import bundle, keys, repo
+from edgepack.signing import ProducerKeySigner
+from tests.agent._support import MODEL, fast_limits, make_model_dir
+from tests.agent.conftest import poll
+
+PROFILES = {"intel-nuc": "x86_64", "raspberry-pi-4": "aarch64"}
+
+
+class Fleet:
+    """A repository made with edgepack.repo, served by edgepack.repo.make_server."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.workdir = base / "repo"
+        repo.init(self.workdir, passphrase=None)
+        keys.write_keypair(base / "team", keys.generate_signing_key())
+        repo.add_model(self.workdir, MODEL, base / "team.pub", passphrase=repo.no_passphrase)
+        self.producer = keys.generate_signing_key()
+        keys.write_keypair(base / "producer", self.producer)
+        self.fleet = keys.generate_recipient_key()
+        keys.write_recipient_keypair(base / "fleet", self.fleet)
+        self.httpd = repo.make_server(self.workdir, "127.0.0.1", 0)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def release(self, version: str, scale: float) -> None:
+        """Build one bundle per profile and publish them to stable."""
+        paths = []
+        for profile, arch in PROFILES.items():
+            src = self.base / f"src-{version}-{profile}"
+            shutil.rmtree(src, ignore_errors=True)
+            health = make_model_dir(src, scale + (0.5 if arch == "aarch64" else 0.0))
+            paths.append(
+                bundle.pack(
+                    src,
+                    self.base / "bundles",
+                    name=MODEL,
+                    version=version,
+                    recipients=[self.fleet.public_key()],
+                    signer=ProducerKeySigner(self.producer),
+                    profile=profile,
+                    architectures=[arch],
+                    health=health,
+                ).path
+            )
+        repo.publish(
+            self.workdir,
+            paths,
+            key=str(self.base / "team.key"),
+            passphrase=repo.no_passphrase,
+            channel="stable",
+        )
+
+    def device(self, data: Path, profile: str) -> None:
+        enroll.enroll(
+            data,
+            repo_url=self.url,
+            root=self.workdir / "public/metadata/1.root.json",
+            models=[MODEL],
+            profile=profile,
+            trust=self.base / "producer.pub",
+            recipient_key=self.base / "fleet.key",
+            limits=fast_limits(),
+        )
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path / "fleet")
+    yield f
+    f.httpd.shutdown()
+    f.httpd.server_close()
+
+
+def test_named_profile_takes_its_architecture() -> None:
+    cfg = AgentConfig(Path("/nonexistent"), "dev-1", "u", "u", profile="raspberry-pi-4")
+    assert Device.from_config(cfg).architecture == "aarch64"
+
+
+def test_each_profile_gets_its_variant_then_rollback_and_revoke(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    nuc, pi = tmp_path / "nuc", tmp_path / "pi"
+    fleet.device(nuc, "intel-nuc")
+    fleet.device(pi, "raspberry-pi-4")
+    fleet.release("1.0.0", 2.0)
+    for d in (nuc, pi):
+        assert poll(d).action == "installed"
+    revs = {d: Slots(d, MODEL).current() for d in (nuc, pi)}
+    assert revs[nuc] != revs[pi]  # different bundles for different profiles
+    fleet.release("2.0.0", 3.0)
+    assert poll(nuc).action == "installed"
+    v2 = Slots(nuc, MODEL).current()
+    repo.rollback(fleet.workdir, MODEL, channel="stable", passphrase=repo.no_passphrase)
+    out = poll(nuc)
+    assert out.action == "rolled-back" and Slots(nuc, MODEL).current() == revs[nuc]
+    repo.revoke(fleet.workdir, MODEL, "2.0.0", passphrase=repo.no_passphrase)
+    assert poll(nuc).action == "up-to-date"
+    assert v2 in Slots(nuc, MODEL).installed()  # cached, but revoked: never reverted to
+    assert poll(pi).action == "up-to-date"  # the pi never took 2.0.0 after the rollback
