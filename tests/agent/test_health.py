@@ -32,7 +32,26 @@ def test_fails_over_latency_budget(tmp_path: Path) -> None:
 
 
 def test_fails_over_memory_budget(tmp_path: Path) -> None:
-    meta = make_model_dir(tmp_path, 2.0, pad_bytes=8 * 1024 * 1024)
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(0).random((32 * 1024, 256), dtype=np.float32)  # 32 MB, used
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["T", "I"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("I", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 256])],
+        [numpy_helper.from_array(table, "T")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    inp = np.array([0, 5], np.int64)
+    out = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"I": inp})[0]
+    (tmp_path / "health").mkdir()
+    np.savez(tmp_path / "health" / "golden.npz", case0_in0=inp, case0_out0=out)
+    meta = {"file": "health/golden.npz", "cases": 1, "tolerances": {"atol": 0.0}}
     with pytest.raises(HealthCheckError, match="memory"):
         health.check_revision(tmp_path, "model.onnx", meta, budgets={"memory_mb": 1.0})
 
