@@ -238,3 +238,18 @@ def test_unexportable_operator_is_named(tmp_path: Path) -> None:
     message = caught.value.diagnostics()
     assert "edgepacktest::mystery" in message or "edgepacktest.mystery" in message
     assert "either exporter" in message
+
+
+def test_pt2_with_pickled_objects_needs_the_flag(
+    tmp_path: Path, keys: dict[str, Path], cli: Cli
+) -> None:
+    import zipfile
+
+    path = tmp_path / "model.pt2"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data/constants/custom_obj_0", b"\x80\x04K\x01.")
+    out = tmp_path / "dist"
+    code, _, stderr = cli(*build_args(path, keys, out, "--hw", "generic-x86_64"))
+    assert code == 3
+    assert "pickled objects" in stderr and "--allow-pickle" in stderr
+    assert outdir_files(out) == []
