@@ -1,0 +1,1 @@
+"""End-to-end tests: the whole product story through the real commands and real servers."""
