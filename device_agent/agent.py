@@ -47,10 +47,19 @@ class Outcome:
     revision: str | None = None
     version: str | None = None
     error: str | None = None
+    checked: bool = True  # False when the repository could not be read at all
 
     def as_status(self) -> dict[str, Any]:
         """The fields this outcome contributes to the status document."""
-        return {"last_action": self.action, "last_error": self.error, "last_check": time.time()}
+        now = time.time()
+        fields: dict[str, Any] = {
+            "last_action": self.action,
+            "last_error": self.error,
+            "last_attempt": now,
+        }
+        if self.checked:
+            fields["last_check"] = now
+        return fields
 
 
 class _ReleaseFailedError(Exception):
@@ -155,7 +164,7 @@ class Agent:
             stale = True
             client = None
             reason = f"repository metadata unavailable or expired: {exc}"
-            outcomes = [Outcome(m, "kept", error=reason) for m in self.config.models]
+            outcomes = [Outcome(m, "kept", error=reason, checked=False) for m in self.config.models]
         if client is not None:
             for name in self.config.models:
                 outcomes.append(self._poll_model(client, name))
@@ -402,7 +411,12 @@ class Agent:
     def _check_confirmation_window(self, name: str) -> None:
         mj = self.journal.model(name)
         if mj.confirm and self.clock() > float(mj.confirm["deadline"]):
-            self._roll_back(name, "not confirmed within the confirmation window")
+            try:
+                self._roll_back(name, "not confirmed within the confirmation window")
+            except NoRevisionError:
+                # Nothing earlier to go back to: keep serving, stop waiting for a verdict.
+                mj.confirm = None
+                self.journal.save()
 
     def _roll_back(self, name: str, why: str) -> str:
         mj = self.journal.model(name)

@@ -110,7 +110,13 @@ def run(
 
     agent = _agent(data_dir)
     if not once:
-        loop.run(agent)
+        import signal
+        import threading
+
+        stop = threading.Event()
+        # SIGTERM (systemd, snapd) ends the loop between polls; a kill mid-poll is safe too.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        loop.run(agent, stop=stop)
         return
     outcomes = loop.poll_once(agent)
     data = [vars(o) for o in outcomes]

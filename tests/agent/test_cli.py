@@ -91,3 +91,31 @@ def test_not_enrolled_is_one_clear_line(tmp_path: Path) -> None:
     out = agent("status", "--data-dir", str(tmp_path / "nothing"))
     assert out.returncode == 3
     assert "enroll" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_run_daemon_polls_and_stops_on_sigterm(world: World, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    data = tmp_path / "dev"
+    world.enroll(data)
+    world.publish("1.0.0", 2.0)
+    env = dict(os.environ, EDGEPACK_DATA_DIR=str(data))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "device_agent", "run"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "status.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = json.loads((data / "status.json").read_text())
+        assert status["models"][MODEL]["version"] == "1.0.0"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
