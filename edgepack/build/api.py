@@ -22,10 +22,11 @@ import onnx
 from edgepack.build import healthset, samples, validate
 from edgepack.build._util import sha256_tree, tree_size
 from edgepack.build.convert import Converted, TorchOptions, as_float32, convert
-from edgepack.build.quantize import RECIPES, Evaluator, Metric, Quantizer, Recipe, Target, choose
+from edgepack.build.quantize import RECIPES, Evaluator, Metric, Quantizer, Recipe, Target
 from edgepack.build.report import BuildReport, VariantReport
 from edgepack.build.samples import RawSamples, SampleSet
 from edgepack.build.sanitize import sanitize
+from edgepack.build.search import Choice, choose
 from edgepack.errors import InvalidInputError
 from edgepack.hw import HardwareProfile, load_profile
 
@@ -353,7 +354,7 @@ def _model_files(path: Path) -> list[Path]:
 
 def _finish(
     profile: HardwareProfile,
-    choice: Any,
+    choice: Choice,
     evaluator: Evaluator,
     variant_dir: Path,
     valid: SampleSet,

@@ -1,17 +1,15 @@
-"""Quantisation recipes (none, fp16, dynamic, static, auto) built on onnxruntime's tooling.
+"""Quantisation recipes (none, fp16, dynamic, static) built on onnxruntime's tooling.
 
-Every tool runs in a private temporary directory. ``auto`` tries the int8
-recipes, keeps the best, and when the quality target is not met excludes the
-nodes most sensitive to quantisation (each measured by quantising it alone)
-until the target holds, never giving up more than half of the quantisable
-weights; it explains what it chose and why.
+Every tool runs in a private temporary directory. This module applies one
+recipe and measures the result; :mod:`edgepack.build.search` chooses between
+recipes (``auto``) and enforces the quality target.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,7 @@ WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "Gather")
 # Dynamic int8 leaves convolutions in fp32: onnxruntime's ConvInteger runs about 6x slower
 # than the fp32 Conv on CPU (digits CNN, benchmarks/bench_quantize.py). Static QDQ covers CNNs.
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "Attention", "LSTM", "EmbedLayerNormalization")
-SAME_SPEED = 1.15  # latencies within 15% count as equal when choosing between recipes
 LARGE_MODEL = 1536 * 2**20  # above this, tools write external data (protobuf's limit is 2 GiB)
-MAX_EXCLUDED_WEIGHT_SHARE = 0.5
-MAX_SENSITIVITY_NODES = 96
 
 Metric = Callable[[Outputs, Outputs], float]
 
@@ -192,15 +187,6 @@ class Evaluator:
         )
         self.trials.append(trial)
         return trial
-
-
-@dataclass
-class Choice:
-    """The trial a recipe settled on and why."""
-
-    trial: Trial
-    reason: str
-    sensitivity: list[tuple[str, float]] = field(default_factory=list)
 
 
 class Quantizer:
@@ -422,133 +408,3 @@ def _save(model: onnx.ModelProto, target: Path, large: bool) -> None:
         all_tensors_to_one_file=True,
         location="model.onnx.data",
     )
-
-
-def choose(
-    kind: str,
-    base: Recipe,
-    quantizer: Quantizer,
-    evaluator: Evaluator,
-    progress: Callable[[str], None] = lambda _: None,
-) -> Choice:
-    """Quantise with an explicit recipe or search with ``auto``; enforce the target."""
-    if kind != "auto":
-        recipe = replace(base, kind=kind)
-        progress(recipe.label())
-        trial = evaluator.evaluate(recipe, quantizer.apply(recipe))
-        if not trial.passes:
-            _fail(f"the {recipe.label()} variant misses the quality target", evaluator)
-        return Choice(
-            trial,
-            f"{recipe.label()} was requested; it meets the target ({evaluator.target.describe()})",
-        )
-    return _auto(base, quantizer, evaluator, progress)
-
-
-def _auto(
-    base: Recipe, quantizer: Quantizer, evaluator: Evaluator, progress: Callable[[str], None]
-) -> Choice:
-    weights = quantizer.weighted_nodes()
-    if not weights:
-        recipe = replace(base, kind="none")
-        trial = evaluator.evaluate(recipe, quantizer.apply(recipe))
-        return Choice(trial, "the model has no MatMul/Gemm/Conv weights to quantise; kept fp32")
-    candidates = [replace(base, kind="dynamic", per_channel=True)]
-    skipped = ""
-    if quantizer.calibration is not None:
-        candidates.append(replace(base, kind="static", per_channel=True))
-    else:
-        skipped = "; static QDQ not tried (no calibration data)"
-    trials = []
-    for recipe in candidates:
-        progress(recipe.label())
-        trials.append(evaluator.evaluate(recipe, quantizer.apply(recipe)))
-    best = max(trials, key=Trial.score)
-    tried = ", ".join(
-        f"{t.recipe.label()}: cosine {t.parity.mean_cosine:.4f}, {t.latency_ms:.2f} ms"
-        for t in trials
-    )
-    passing = [t for t in trials if t.passes]
-    if passing:
-        # Among recipes that meet the target the fastest wins; near-ties go to the smaller.
-        fastest = min(t.latency_ms for t in passing)
-        quick = [t for t in passing if t.latency_ms <= fastest * SAME_SPEED]
-        chosen = min(quick, key=lambda t: (t.size, -t.parity.mean_cosine))
-        why = "the fastest that meets" if len(passing) > 1 else "meets"
-        return Choice(
-            chosen,
-            f"{chosen.recipe.label()} is {why} the target ({evaluator.target.describe()}) with "
-            f"nothing kept in fp32 (tried {tried}{skipped})",
-        )
-    progress("measuring per-node sensitivity")
-    ranking = _sensitivity(best.recipe, list(weights)[:MAX_SENSITIVITY_NODES], quantizer, evaluator)
-    order = [name for name, _ in ranking]
-    total = sum(weights.values())
-    cap, kept = 0, 0
-    for name in order:
-        if kept + weights[name] > MAX_EXCLUDED_WEIGHT_SHARE * total:
-            break
-        kept += weights[name]
-        cap += 1
-
-    def attempt(count: int) -> Trial:
-        recipe = replace(best.recipe, exclude=tuple(order[:count]))
-        progress(recipe.label())
-        return evaluator.evaluate(recipe, quantizer.apply(recipe))
-
-    found: Trial | None = None
-    if cap:
-        widest = attempt(cap)
-        if widest.passes:
-            found, low, high = widest, 1, cap - 1
-            while low <= high:  # the fewest exclusions that still meet the target
-                middle = (low + high) // 2
-                trial = attempt(middle)
-                if trial.passes:
-                    found, high = trial, middle - 1
-                else:
-                    low = middle + 1
-    if found is None:
-        _fail(
-            f"auto found no int8 recipe meeting the target even with {cap} of the most sensitive "
-            f"nodes in fp32 (at most {int(MAX_EXCLUDED_WEIGHT_SHARE * 100)}% of the weights)",
-            evaluator,
-        )
-    assert found is not None
-    excluded = ", ".join(found.recipe.exclude)
-    reason = (
-        f"{best.recipe.label()} was the best plain int8 recipe but missed the target "
-        f"({'; '.join(best.unmet)}); keeping the {len(found.recipe.exclude)} most sensitive "
-        f"nodes in fp32 ({excluded}) meets it ({evaluator.target.describe()}){skipped}"
-    )
-    return Choice(found, reason, ranking)
-
-
-def _sensitivity(
-    recipe: Recipe, nodes: list[str], quantizer: Quantizer, evaluator: Evaluator
-) -> list[tuple[str, float]]:
-    """Each node's loss (1 − mean cosine) when it alone is quantised, most sensitive first."""
-    losses: list[tuple[str, float]] = []
-    for name in nodes:
-        path = quantizer.apply(recipe, only=[name])
-        session = validate.open_session(path, evaluator.providers)
-        outputs = validate.run(session, evaluator.validation.batches)
-        parity = validate.parity(evaluator.reference, outputs, None, evaluator.classifier)
-        losses.append((name, 1.0 - parity.mean_cosine + (parity.accuracy_drop or 0.0)))
-        shutil.rmtree(path.parent, ignore_errors=True)
-    return sorted(losses, key=lambda item: -item[1])
-
-
-def _fail(message: str, evaluator: Evaluator) -> None:
-    best = max(evaluator.trials, key=Trial.score) if evaluator.trials else None
-    if best is not None:
-        figures = best.parity
-        drop = figures.accuracy_drop
-        message += (
-            f" ({evaluator.target.describe()}); best reached: {best.recipe.label()} with mean "
-            f"cosine {figures.mean_cosine:.4f}, min cosine {figures.min_cosine:.4f}"
-            + (f", accuracy drop {drop:.4f}" if drop is not None else "")
-            + (f", metric {best.metric:.4g}" if best.metric is not None else "")
-            + f" ({'; '.join(best.unmet)})"
-        )
-    raise QualityTargetError(message, best=best, tried=list(evaluator.trials))
