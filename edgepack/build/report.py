@@ -125,7 +125,7 @@ def render(report: BuildReport, console: Any) -> None:
             v.recipe_label,
             _size(v.size_bytes),
             f"{v.size_ratio:.2f}",
-            f"{v.latency_ms:.2f}",
+            f"{v.latency_ms:.3f}",
             f"{v.speedup:.2f}x",
             _fmt(q.get("mean_cosine")),
             _fmt(q.get("min_cosine")),

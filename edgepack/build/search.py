@@ -87,10 +87,10 @@ def _auto(
         fastest = min(t.latency_ms for t in passing)
         quick = [t for t in passing if t.latency_ms <= fastest * SAME_SPEED]
         chosen = min(quick, key=lambda t: (t.size, -t.parity.mean_cosine))
-        why = "the fastest that meets" if len(passing) > 1 else "meets"
+        verb = "is the fastest that meets" if len(passing) > 1 else "meets"
         return Choice(
             chosen,
-            f"{chosen.recipe.label()} is {why} the target ({evaluator.target.describe()}) with "
+            f"{chosen.recipe.label()} {verb} the target ({evaluator.target.describe()}) with "
             f"nothing kept in fp32 (tried {tried}{skipped})",
         )
     progress("measuring per-node sensitivity")

@@ -115,7 +115,8 @@ def build_command(
 
         from edgepack.build.report import render
 
-        console = Console()
+        # A pipe or a file gets a wide table rather than rich's 80-column default.
+        console = Console(width=None if sys.stdout.isatty() else 160)
         render(result.report, console)
         for path in result.bundles:
             console.print(f"wrote {path}")
