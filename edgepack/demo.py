@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.panel import Panel
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
 PASSPHRASE = "demo-passphrase"
 MODEL = "digits"
 PROFILES = tuple(os.environ.get("EDGEPACK_DEMO_PROFILES", "intel-nuc,raspberry-pi-4").split(","))
@@ -255,6 +255,11 @@ def enroll(demo: Demo) -> None:
         )
         demo.devices[device] = {"data": data, "profile": profile, "id": result["device_id"]}
         console.print(f"{device}: id {result['device_id']}, profile {profile}")
+    console.print(
+        "[dim]device-b is enrolled with an explicit aarch64 profile, so it selects and verifies the aarch64 "
+        "variant; on this x86-64 host its model runs on the x86 CPU. The real agent on emulated aarch64 is "
+        "tested in tests/hw/test_emulation_agent.py.[/dim]"
+    )
 
 
 def poll(demo: Demo, device: str) -> list[dict[str, Any]]:
@@ -331,7 +336,8 @@ def broken_release(demo: Demo, v1: Sequence[Path]) -> list[Path]:
         proto = onnx.load(str(model_path))
         for init in proto.graph.initializer:
             array = numpy_helper.to_array(init)
-            if array.ndim == 2 and array.dtype == np.float32:
+            # Weight matrices, whether fp32 or already quantised to int8: rolled columns, wrong outputs.
+            if array.ndim == 2 and array.dtype in (np.float32, np.int8, np.uint8):
                 init.CopyFrom(numpy_helper.from_array(np.roll(array, 1, axis=-1), init.name))
         model_path.unlink()
         onnx.save(proto, str(model_path))
