@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -304,3 +305,16 @@ def test_bad_recipe_and_bad_name(tmp_path: Path, keys: dict[str, Path], cli: Cli
     code, _, stderr = cli(*args)
     assert code == 3 and "invalid model name" in stderr
     assert outdir_files(tmp_path / "dist") == []
+
+
+def test_missing_torch_says_how_to_install_it(
+    tmp_path: Path, keys: dict[str, Path], cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    out = tmp_path / "dist"
+    code, _, stderr = cli(*build_args(path, keys, out, "--hw", "generic-x86_64"))
+    assert code == 3
+    assert "PyTorch is not installed" in stderr and "pip install 'edgepack[torch]'" in stderr
+    assert outdir_files(out) == []
