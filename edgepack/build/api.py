@@ -408,6 +408,11 @@ def _finish(
         tried=[t.summary() for t in evaluator.trials],
         sensitivity=[{"node": n, "loss": round(loss, 6)} for n, loss in choice.sensitivity],
     )
+    missing = [p for p in profile.execution_providers if p not in validate.available_providers()]
+    if missing:
+        report.notes.append(
+            f"{', '.join(missing)} not available on this machine; validated on the CPU provider"
+        )
     return Variant(
         profile=profile,
         model_dir=variant_dir,

@@ -89,6 +89,13 @@ def model_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, [spec(v) for v in model.graph.output]
 
 
+def available_providers() -> list[str]:
+    """Execution providers this machine's onnxruntime offers."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
 def open_session(path: Path, providers: Sequence[str], threads: int = 1) -> Any:
     """Load a model in onnxruntime on the given execution providers (those available here).
 
@@ -96,7 +103,7 @@ def open_session(path: Path, providers: Sequence[str], threads: int = 1) -> Any:
     """
     import onnxruntime as ort
 
-    available = set(ort.get_available_providers())
+    available = set(available_providers())
     chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
