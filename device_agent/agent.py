@@ -148,7 +148,7 @@ class Agent:
         for rev in list(mj.revisions):
             if rev not in on_disk:
                 del mj.revisions[rev]
-        self.journal.save()
+        self.journal.save_if_changed()
 
     # -- polling ---------------------------------------------------------------
     def poll(self) -> list[Outcome]:

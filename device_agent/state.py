@@ -11,6 +11,7 @@ the journal). Everything in this module is pure bookkeeping except
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -154,6 +155,7 @@ class Journal:
     def __init__(self, path: Path, models: dict[str, ModelJournal] | None = None) -> None:
         self.path = path
         self.models: dict[str, ModelJournal] = models or {}
+        self._saved = self._fingerprint() if models else ""
 
     @classmethod
     def load(cls, data_dir: Path) -> Journal:
@@ -169,17 +171,34 @@ class Journal:
         """The journal of one model, created empty on first use."""
         return self.models.setdefault(name, ModelJournal())
 
-    def save(self) -> None:
-        """Write the whole journal atomically."""
-        data = {
+    def _document(self) -> dict[str, Any]:
+        return {
             "format": JOURNAL_FORMAT,
             "models": {k: v.to_json() for k, v in sorted(self.models.items())},
         }
-        _atomic.write_json(self.path, data)
+
+    def _fingerprint(self) -> str:
+        doc = self._document()
+        for m in doc["models"].values():
+            m.pop("entered_at", None)
+        return json.dumps(doc, sort_keys=True)
+
+    def save(self) -> None:
+        """Write the whole journal atomically."""
+        _atomic.write_json(self.path, self._document())
+        self._saved = self._fingerprint()
+
+    def save_if_changed(self) -> None:
+        """Write the journal only when its content differs from what is on disk."""
+        if self._fingerprint() != self._saved:
+            self.save()
 
     def enter(self, name: str, state: State, *, update: Update | None = None) -> None:
         """Record entry into ``state`` *before* its side effect, then save.
 
+        ``checking`` has no side effect to recover from, so it is not written,
+        and ``idle`` is written only when something changed: a poll with
+        nothing new writes nothing to the journal (flash storage wears).
         Raises :class:`IllegalTransitionError` for a transition not in the table.
         """
         mj = self.model(name)
@@ -191,5 +210,8 @@ class Journal:
         mj.entered_at = time.time()
         if update is not None:
             mj.update = update
-        self.save()
+        if state is State.IDLE:
+            self.save_if_changed()
+        elif state is not State.CHECKING:
+            self.save()
         crashpoint(state.value)

@@ -41,6 +41,10 @@ def test_install_then_nothing_new_costs_only_timestamp(world: World, data: Path)
     assert fetched == ["/metadata/2.root.json", "/metadata/timestamp.json"]
     doc = json.loads((data / "status.json").read_text())
     assert doc["models"][MODEL]["version"] == "1.0.0" and doc["stale"] is False
+    # a poll with nothing new does not rewrite the journal (atomic writes replace the inode)
+    inode = (data / "state.json").stat().st_ino
+    assert poll(data).action == "up-to-date"
+    assert (data / "state.json").stat().st_ino == inode
 
 
 def test_operator_rollback_switches_to_cached_revision_without_download(

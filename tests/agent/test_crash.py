@@ -232,4 +232,6 @@ def test_random_kills_seeded(bench: Bench) -> None:
         check_completed(bench, data)
     assert kills >= RANDOM_RUNS
     if RANDOM_RUNS >= 200:  # the kills landed in every state of the update
-        assert seen_states >= {s.value for s in State if s is not State.IDLE}, seen_states
+        # (checking is never written: it has no side effect to recover from)
+        wanted = {s.value for s in State if s not in (State.IDLE, State.CHECKING)}
+        assert seen_states >= wanted, seen_states
