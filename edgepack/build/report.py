@@ -92,15 +92,19 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def render(report: BuildReport, console: Any) -> None:
-    """Print the report as tables on a rich console."""
+    """Print the report as tables on a rich console (free text is escaped, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     console.print(
-        f"[bold]{report.name} {report.version}[/bold] from {report.source} "
-        f"({report.converter}, {report.provenance.get('source_digest', '')[:19]}…)"
+        f"[bold]{escape(report.name)} {escape(report.version)}[/bold] from "
+        f"{escape(report.source)} ({escape(report.converter)}, "
+        f"{report.provenance.get('source_digest', '')[:19]}…)"
     )
     console.print(
-        f"validation: {report.validation.get('origin')} ({report.validation.get('samples')} samples)"
+        f"validation: {report.validation.get('origin')} "
+        f"({report.validation.get('samples')} samples)",
+        markup=False,
     )
     table = Table(show_header=True, header_style="bold")
     for column in (
@@ -121,8 +125,8 @@ def render(report: BuildReport, console: Any) -> None:
     for v in report.variants:
         q = v.quality
         table.add_row(
-            v.profile,
-            v.recipe_label,
+            escape(v.profile),
+            escape(v.recipe_label),
             _size(v.size_bytes),
             f"{v.size_ratio:.2f}",
             f"{v.latency_ms:.3f}",
@@ -136,15 +140,15 @@ def render(report: BuildReport, console: Any) -> None:
         )
     console.print(table)
     for v in report.variants:
-        console.print(f"[bold]{v.profile}[/bold]: {v.reason}")
+        console.print(f"[bold]{escape(v.profile)}[/bold]: {escape(v.reason)}")
         if v.excluded_nodes:
-            console.print(f"  kept in fp32: {', '.join(v.excluded_nodes)}")
+            console.print(f"  kept in fp32: {', '.join(v.excluded_nodes)}", markup=False)
         for note in v.notes:
-            console.print(f"  note: {note}")
+            console.print(f"  note: {note}", markup=False)
     tools = ", ".join(f"{k} {val}" for k, val in sorted(report.provenance.get("tools", {}).items()))
-    console.print(f"provenance: {report.provenance.get('source_digest')} ({tools})")
+    console.print(f"provenance: {report.provenance.get('source_digest')} ({tools})", markup=False)
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
 
 
 def _size(count: int) -> str:

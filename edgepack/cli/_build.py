@@ -119,8 +119,8 @@ def build_command(
         console = Console(width=None if sys.stdout.isatty() else 160)
         render(result.report, console)
         for path in result.bundles:
-            console.print(f"wrote {path}")
-        console.print(f"report: {result.report_path}")
+            console.print(f"wrote {path}", markup=False)
+        console.print(f"report: {result.report_path}", markup=False)
 
     emit(data, as_json, human)
 

@@ -148,3 +148,21 @@ def test_user_metric_is_a_quality_target(tmp_path: Path) -> None:
         )
     assert seen == [1]
     assert not os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+
+
+def test_report_renders_free_text_literally(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from edgepack.build.report import render
+
+    model = linear_model(tmp_path / "m")
+    staged = build_variants(model, hw="generic-x86_64", workdir=tmp_path / "w", quantize="none")
+    staged.report.notes.append("shape ids[9, 18] and [bold]not markup[/bold]")
+    buffer = io.StringIO()
+    render(staged.report, Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    assert "ids[9, 18]" in text and "[bold]not markup[/bold]" in text
+    assert "fp32 (no quantisation)" in text and "generic-x86_64" in text
+    assert staged.report.as_dict()["variants"][0]["size_ratio"] == pytest.approx(1.0, abs=0.05)
