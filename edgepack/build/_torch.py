@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgepack.build._util import quiet, tool_versions
+from edgepack.build._util import private_cwd, quiet, tool_versions
 from edgepack.build.convert import TORCH_HINT, Converted, TorchOptions, signature_names
 from edgepack.build.samples import Array, Feed, numpy_dtype
 from edgepack.errors import InvalidInputError
@@ -64,7 +64,7 @@ def convert(model: Any, out_dir: Path, options: TorchOptions, sample: Feed | Non
         target.parent.mkdir()
         dynamo = exporter == "dynamo"
         try:
-            with quiet():
+            with private_cwd(out_dir.parent), quiet():
                 torch.onnx.export(
                     model if program else module,
                     () if program else args,

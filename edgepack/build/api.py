@@ -194,6 +194,7 @@ def build_variants(
     progress: Progress | None = None,
 ) -> Staged:
     """Build a finished model directory per profile under ``workdir`` (no packing)."""
+    workdir = Path(workdir).resolve()  # tools run with another working directory
     note = progress or (lambda _: None)
     profiles = [load_profile(n) for n in ([hw] if isinstance(hw, str) else list(hw))]
     if not profiles:
