@@ -105,3 +105,15 @@ class Unexportable(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = mystery(x) + 1
         return result
+
+
+class Branchy(torch.nn.Module):
+    """Data-dependent control flow: torch.export refuses it, TorchScript tracing takes one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.linear(x) * 2 if x.sum() > 0 else self.linear(x) - 1
+        return result

@@ -253,3 +253,21 @@ def test_pt2_with_pickled_objects_needs_the_flag(
     assert code == 3
     assert "pickled objects" in stderr and "--allow-pickle" in stderr
     assert outdir_files(out) == []
+
+
+def test_torchscript_exporter_when_dynamo_fails(tmp_path: Path) -> None:
+    import torch
+
+    from tests.build.models import Branchy
+
+    staged = build_variants(
+        Branchy().eval(),
+        hw="generic-x86_64",
+        workdir=tmp_path,
+        quantize="none",
+        example_inputs=(torch.ones(2, 4),),
+        dynamic_axes={"x": {0: "batch"}},
+    )
+    assert staged.report.converter == "torch.onnx (torchscript)"
+    assert staged.report.notes and staged.report.notes[0].startswith("dynamo exporter:")
+    assert staged.variants[0].model_info["inputs"][0]["shape"][0] == "batch"
