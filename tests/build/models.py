@@ -117,3 +117,15 @@ class Branchy(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.linear(x) * 2 if x.sum() > 0 else self.linear(x) - 1
         return result
+
+
+class BranchyEncoder(torch.nn.Module):
+    """torch.export refuses the branch; TorchScript bakes the sequence length into a Reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.layer(x)
+        return y * 2 if x.sum() > 0 else y

@@ -271,3 +271,21 @@ def test_torchscript_exporter_when_dynamo_fails(tmp_path: Path) -> None:
     assert staged.report.converter == "torch.onnx (torchscript)"
     assert staged.report.notes and staged.report.notes[0].startswith("dynamo exporter:")
     assert staged.variants[0].model_info["inputs"][0]["shape"][0] == "batch"
+
+
+def test_an_export_that_baked_a_dynamic_axis_is_rejected(tmp_path: Path) -> None:
+    import torch
+
+    from edgepack.errors import InvalidInputError
+    from tests.build.models import BranchyEncoder
+
+    with pytest.raises(InvalidInputError) as caught:
+        build_variants(
+            BranchyEncoder().eval(),
+            hw="generic-x86_64",
+            workdir=tmp_path,
+            example_inputs=(torch.ones(2, 5, 16),),
+            dynamic_axes={"x": {0: "batch", 1: "sequence"}},
+        )
+    message = caught.value.diagnostics()
+    assert "torchscript: onnxruntime fails on inputs of shape x[3, 6, 16]" in message
