@@ -77,10 +77,9 @@ def _auto(
     if not trials:
         raise failures[0]
     best = max(trials, key=Trial.score)
-    tried = ", ".join(
-        f"{t.recipe.label()}: cosine {t.parity.mean_cosine:.4f}, {t.latency_ms:.2f} ms"
-        for t in trials
-    )
+    # Timings stay out of the reason: it goes into the bundle's metadata, which must not
+    # change from one build of the same model to the next. The report lists them.
+    tried = ", ".join(f"{t.recipe.label()}: cosine {t.parity.mean_cosine:.4f}" for t in trials)
     passing = [t for t in trials if t.passes]
     if passing:
         # Among recipes that meet the target the fastest wins; near-ties go to the smaller.

@@ -42,10 +42,18 @@ def test_same_input_gives_the_same_model_directory(tmp_path: Path) -> None:
     model = linear_model(tmp_path / "m")
     val = {"x": np.random.default_rng(2).standard_normal((24, 16)).astype(np.float32)}
     dirs = []
+    metadata = []
     for run in ("a", "b"):
-        staged = build_variants(model, hw="raspberry-pi-4", workdir=tmp_path / run, validation=val)
-        dirs.append(staged.variants[0].model_dir)
-        assert staged.variants[0].quantization["recipe"] == "dynamic"
+        staged = build_variants(
+            model, hw="raspberry-pi-4", workdir=tmp_path / run, validation=val, quantize="auto"
+        )
+        variant = staged.variants[0]
+        dirs.append(variant.model_dir)
+        metadata.append(
+            (variant.model_info, variant.quantization, variant.provenance, variant.health)
+        )
+        assert variant.quantization["recipe"] == "dynamic"
+    assert metadata[0] == metadata[1]  # what goes into the bundle holds no timings
     for name in ("model.onnx", "health/golden.npz"):
         assert (dirs[0] / name).read_bytes() == (dirs[1] / name).read_bytes()
     with np.load(dirs[0] / "health/golden.npz") as golden:
