@@ -9,6 +9,7 @@ import pytest
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
+from device_agent.health import check_revision
 from edgepack.build import build, build_variants
 from edgepack.bundle import read_info, unpack
 from edgepack.keys import load_recipient_private_key, load_signing_key, load_signing_public_key
@@ -75,6 +76,10 @@ def test_mlp_bundles_per_profile(
             policy=policy,
         )
         replay_health(dest, meta["health"])
+        report = check_revision(
+            dest, meta["model"]["path"], meta["health"]
+        )  # the agent's own check
+        assert report.cases == 3 and not report.failures
     x86 = read_info(result.bundles[0]).metadata["quantization"]["parameters"]
     assert x86["reduce_range"] is True  # the generic x86 profile asks for 7-bit weights
 
