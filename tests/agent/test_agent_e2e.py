@@ -338,3 +338,40 @@ def test_run_loop_polls_then_stops(world: World, data: Path) -> None:
     stop.set()
     thread.join(10)
     assert not thread.is_alive() and current(data) is not None
+
+
+def test_release_needing_a_newer_agent_is_refused(world: World, data: Path) -> None:
+    from edgepack import bundle
+    from edgepack.signing import ProducerKeySigner
+    from tests.agent._support import make_model_dir
+
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    src = world.base / "src-future"
+    health = make_model_dir(src, 3.0)
+    packed = bundle.pack(
+        src,
+        world.base / "bundles",
+        name=MODEL,
+        version="2.0.0",
+        recipients=[world.fleet_key.public_key()],
+        signer=ProducerKeySigner(world.producer_key),
+        health=health,
+        min_agent_version="99.0.0",
+    ).path
+    world.repo.promote("2.0.0", world.repo.add_bundle(packed, "2.0.0"))
+    out = poll(data)
+    assert out.action == "failed" and "99.0.0" in str(out.error)
+    assert str(current(data)).startswith("1.0.0")
+
+
+def test_device_outside_the_rollout_keeps_the_previous_release(world: World, data: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    poll(data)
+    world.publish("2.0.0", 3.0, promote=False)
+    world.repo.promote("2.0.0", world.targets["2.0.0"], rollout=0.0)
+    world.server.requests.clear()
+    assert poll(data).action == "up-to-date"
+    assert world.server.bundle_requests() == []
+    world.repo.promote("2.0.0", world.targets["2.0.0"], rollout=100.0)
+    assert poll(data).action == "installed"
