@@ -312,6 +312,12 @@ class Agent:
             raise _ReleaseFailedError(
                 f"{info.path} holds {binfo.name} {binfo.version}, not {name} {update.version}"
             )
+        arches = set(binfo.architectures)
+        if arches and not arches & {self.device.architecture, "any"}:
+            raise _ReleaseFailedError(
+                f"{info.path} is built for {', '.join(sorted(arches))}, "
+                f"this device is {self.device.architecture}"
+            )
         needed = str(binfo.metadata.get("min_agent_version", "0"))
         if _version_tuple(needed) > _version_tuple(__version__):
             raise _ReleaseFailedError(f"needs edgepack-agent >= {needed} (this is {__version__})")

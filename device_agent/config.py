@@ -41,7 +41,6 @@ class Limits:
     slow_grace_s: float = 10.0
     bandwidth_bps: int = 0  # 0: no cap
     chunk_bytes: int = 1024 * 1024
-    downloads_max_bytes: int = 16 * 1024**3
     free_space_margin_bytes: int = 16 * 1024 * 1024
     poll_interval_s: float = 300.0
     poll_jitter: float = 0.2

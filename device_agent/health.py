@@ -74,8 +74,8 @@ def check_revision(
 ) -> HealthReport:
     """Load the revision's model by path and replay its golden cases.
 
-    ``budgets`` (latency_ms, memory_mb) override the bundle's when given (the
-    device's hardware profile is stricter than the builder's guess). Without a
+    ``budgets`` (latency_ms, memory_mb) are the device profile's; each applies
+    when it is stricter than the bundle's. Without a
     health set the check still proves the model loads safely.
     Raises :class:`HealthCheckError` when any case or budget fails.
     """
@@ -87,8 +87,10 @@ def check_revision(
         return HealthReport(cases=0, latency_ms=0.0, memory_mb=max(0.0, _rss_mb() - rss_before))
     golden_path = safeload.check_location(revision_dir, str(health.get("file", "")))
     tol = dict(health.get("tolerances") or {})
-    limits = dict(health.get("budgets") or {})
-    limits.update(budgets or {})
+    # The stricter of the bundle's budget and the device profile's wins.
+    limits = {k: float(v) for k, v in dict(health.get("budgets") or {}).items()}
+    for key, value in (budgets or {}).items():
+        limits[key] = min(limits.get(key, float(value)), float(value))
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     failures: list[str] = []

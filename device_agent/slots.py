@@ -31,12 +31,17 @@ def _make_tree_writable(root: Path) -> None:
 
 
 def make_read_only(root: Path) -> None:
-    """Drop write permission on every file and folder of a revision."""
+    """Drop write permission on every file and folder of a revision, and flush its folders.
+
+    The files were fsynced when written; fsyncing each folder makes their names
+    durable too, before the revision can become ``current``.
+    """
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
             p = Path(dirpath) / name
             if not p.is_symlink():
                 p.chmod(0o444)
+        _atomic.fsync_dir(Path(dirpath))
         # Applications on the device read models from here, so folders stay world-readable.
         Path(dirpath).chmod(0o555)
 

@@ -375,3 +375,28 @@ def test_device_outside_the_rollout_keeps_the_previous_release(world: World, dat
     assert world.server.bundle_requests() == []
     world.repo.promote("2.0.0", world.targets["2.0.0"], rollout=100.0)
     assert poll(data).action == "installed"
+
+
+def test_bundle_for_another_architecture_is_refused(world: World, data: Path) -> None:
+    from device_agent.selection import machine_architecture
+    from edgepack import bundle
+    from edgepack.signing import ProducerKeySigner
+    from tests.agent._support import make_model_dir
+
+    other = "aarch64" if machine_architecture() == "x86_64" else "x86_64"
+    src = world.base / "src-other-arch"
+    health = make_model_dir(src, 2.0)
+    packed = bundle.pack(
+        src,
+        world.base / "bundles",
+        name=MODEL,
+        version="1.0.0",
+        recipients=[world.fleet_key.public_key()],
+        signer=ProducerKeySigner(world.producer_key),
+        health=health,
+        architectures=[other],
+    ).path
+    world.repo.promote("1.0.0", world.repo.add_bundle(packed, "1.0.0"))
+    out = poll(data)
+    assert out.action == "failed" and f"built for {other}" in str(out.error)
+    assert current(data) is None
