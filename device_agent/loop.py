@@ -23,8 +23,10 @@ def next_delay(failures: int, limits: Limits, rng: random.Random) -> float:
 
 
 def failed(outcomes: list[Outcome]) -> bool:
-    """True when a poll should count toward back-off."""
-    return any(o.action in ("error", "kept") and o.error for o in outcomes)
+    """True when a poll should count toward back-off: the repository was unreadable
+    (stale) or an update hit a transport or disk error. A release refused on its
+    merits is not a reason to poll less often."""
+    return any(o.action == "error" or not o.checked for o in outcomes)
 
 
 def poll_once(agent: Agent) -> list[Outcome]:

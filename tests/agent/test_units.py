@@ -135,3 +135,13 @@ def test_offline_source_missing_file_is_404(tmp_path: Path) -> None:
     with pytest.raises(exceptions.DownloadHTTPError) as info:
         list(fetcher.fetch((tmp_path / "nope.json").as_uri()))
     assert info.value.status_code == 404
+
+
+def test_backoff_counts_stale_and_errors_not_refused_releases() -> None:
+    from device_agent.agent import Outcome
+
+    assert loop.failed([Outcome("m", "kept", error="unreachable", checked=False)])
+    assert loop.failed([Outcome("m", "error", error="cut")])
+    assert not loop.failed([Outcome("m", "kept", error="2.0.0 failed here before")])
+    assert not loop.failed([Outcome("m", "failed", error="health check failed")])
+    assert not loop.failed([Outcome("m", "up-to-date")])
