@@ -24,7 +24,13 @@ from tuf.api import exceptions as tuf_exc
 
 from device_agent import health, safeload, selection, status
 from device_agent.config import AgentConfig
-from device_agent.errors import HealthCheckError, NoRevisionError, NoSpaceError
+from device_agent.errors import (
+    ConfigError,
+    HealthCheckError,
+    NoRevisionError,
+    NoSpaceError,
+    UnsafeModelError,
+)
 from device_agent.fetcher import AgentFetcher
 from device_agent.slots import Slots, remove_tree
 from device_agent.state import RECOVERY, Journal, Recovery, Revision, State, Update
@@ -174,6 +180,7 @@ class Agent:
                 if mj.update is not None
                 and mj.state is not State.COMMITTED
                 and mj.update.version not in mj.failed
+                and mj.update.sha256 not in mj.failed_bundles
                 and mj.revision_for(mj.update.sha256) is None
             }
             client.clean_downloads(keep)
@@ -250,15 +257,15 @@ class Agent:
         if current and current in mj.revisions and mj.revisions[current].sha256 == sha:
             self.journal.enter(name, State.IDLE)
             return Outcome(name, "up-to-date", current, version)
-        if version in mj.failed:
+        refused = mj.failed.get(version) or mj.failed_bundles.get(sha)
+        if refused:
             self.journal.enter(name, State.IDLE)
             return Outcome(
                 name,
                 "kept",
                 current,
                 version,
-                error=f"{version} failed here before: "
-                f"{mj.failed[version]}; waiting for a newer release",
+                error=f"{version} failed here before: {refused}; waiting for a newer release",
             )
         cached = mj.revision_for(sha)
         if cached is not None and slots.revision_dir(cached).is_dir():
@@ -274,17 +281,24 @@ class Agent:
             self._mark_failed(name, version, f"interrupted {MAX_ATTEMPTS} times; giving up")
             self.journal.enter(name, State.IDLE)
             return Outcome(name, "failed", current, version, error=mj.failed[version])
+        credentials = self._credentials()
         try:
-            self._install(client, name, update, info)
+            self._install(client, name, update, info, credentials)
         except (_ReleaseFailedError, HealthCheckError, VerificationError, InvalidInputError) as exc:
-            self._mark_failed(name, version, _describe(exc))
+            if isinstance(exc, HealthCheckError | UnsafeModelError):
+                self._mark_failed(name, version, _describe(exc))  # the model: the whole release
+            else:
+                mj.failed_bundles[sha] = _describe(exc)  # these bytes only
+                self.journal.save()
             self.journal.enter(name, State.IDLE)
             self._forget_unknown(name)
             remove_tree(slots.staging_root)
             return Outcome(name, "failed", slots.current(), version, error=_describe(exc))
         return Outcome(name, "installed", revision, version)
 
-    def _install(self, client: TufClient, name: str, update: Update, info: Any) -> None:
+    def _install(
+        self, client: TufClient, name: str, update: Update, info: Any, credentials: tuple[Any, Any]
+    ) -> None:
         slots = Slots(self.data, name)
         mj = self.journal.model(name)
         bundle_path = client.bundle_path(update.sha256)
@@ -306,7 +320,7 @@ class Agent:
         remove_tree(staged)
         staged.parent.mkdir(parents=True, exist_ok=True)
         binfo = bundle.unpack(
-            bundle_path, staged, recipient_key=self._recipient_key(), policy=self._policy()
+            bundle_path, staged, recipient_key=credentials[0], policy=credentials[1]
         )
         if binfo.name != name or binfo.version != update.version:
             raise _ReleaseFailedError(
@@ -390,17 +404,28 @@ class Agent:
                 hint="free space or lower keep_revisions; the current model keeps running",
             )
 
-    def _recipient_key(self) -> Any:
+    def _credentials(self) -> tuple[Any, Any]:
+        """The device's recipient key and trust policy.
+
+        A problem here is the device's configuration, not the release's: it is
+        reported as an error and never marks a release failed.
+        """
         from edgepack.keys import load_recipient_private_key
-
-        return load_recipient_private_key(Path(self.config.recipient_key))
-
-    def _policy(self) -> Any:
         from edgepack.signing import load_trust_policy
 
         if not self.config.trust_policy:
-            raise VerificationError("no trust policy configured", hint="enrol with --trust POLICY")
-        return load_trust_policy(Path(self.config.trust_policy))
+            raise ConfigError(
+                "no producer trust policy is configured",
+                hint="enrol again with --trust POLICY (a policy file or a producer .pub)",
+            )
+        try:
+            key = load_recipient_private_key(Path(self.config.recipient_key))
+            policy = load_trust_policy(Path(self.config.trust_policy))
+        except EdgepackError as exc:
+            raise ConfigError(
+                f"the device's key or trust policy cannot be used: {exc.diagnostics()}"
+            ) from exc
+        return key, policy
 
     def _profile_budgets(self) -> dict[str, float] | None:
         if not self.device.profile:

@@ -15,6 +15,12 @@ class NotEnrolledError(AgentError):
     exit_code = 3
 
 
+class ConfigError(AgentError):
+    """The device's own configuration (key, trust policy) is missing or unusable."""
+
+    exit_code = 3
+
+
 class UnsafeModelError(InvalidInputError):
     """A model refers to data outside its revision directory, or through a link."""
 

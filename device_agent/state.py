@@ -105,7 +105,11 @@ class ModelJournal:
     state: State = State.IDLE
     update: Update | None = None
     revisions: dict[str, Revision] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # version -> why
+    # A release whose model misbehaved here (health, loading safety, verdicts): version -> why.
+    failed: dict[str, str] = field(default_factory=dict)
+    # Bundle bytes that could not be used (signature, decryption, format): sha256 -> why.
+    # Keyed by bytes, so the same version re-encrypted or re-signed is tried again.
+    failed_bundles: dict[str, str] = field(default_factory=dict)
     revoked: list[str] = field(default_factory=list)
     channel_sequence: int = 0
     confirm: dict[str, Any] | None = None  # {"revision", "previous", "deadline"}
@@ -138,6 +142,7 @@ class ModelJournal:
             update=Update(**update) if update else None,
             revisions={k: Revision(**v) for k, v in data.get("revisions", {}).items()},
             failed=dict(data.get("failed", {})),
+            failed_bundles=dict(data.get("failed_bundles", {})),
             revoked=list(data.get("revoked", [])),
             channel_sequence=int(data.get("channel_sequence", 0)),
             confirm=data.get("confirm"),

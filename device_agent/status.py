@@ -50,6 +50,7 @@ def build(
                 "state": mj.state.value,
                 "installed": sorted(slots.installed()),
                 "failed_releases": dict(mj.failed),
+                "failed_bundles": dict(mj.failed_bundles),
                 "awaiting_confirmation": mj.confirm is not None,
                 "pending": (
                     mj.update.version

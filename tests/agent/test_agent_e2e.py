@@ -100,11 +100,39 @@ def test_tampered_bundle_is_refused_before_install(world: World, data: Path) -> 
     # a bundle signed by someone outside the device's trust policy
     from edgepack import keys
 
+    trusted = world.producer_key
     world.producer_key = keys.generate_signing_key()
     world.publish("2.0.0", 3.0)
     out = poll(data)
     assert out.action == "failed" and current(data) == good
     assert list((data / "staging").rglob("*")) == []
+    assert poll(data).action == "kept"  # those bytes are not tried again
+    # the same version, signed by the trusted producer (new bytes), is tried and installs
+    world.producer_key = trusted
+    world.publish("2.0.0", 3.0)
+    assert poll(data).action == "installed"
+
+
+def test_missing_trust_policy_is_a_device_error_not_a_failed_release(
+    world: World, tmp_path: Path
+) -> None:
+    from device_agent import enroll
+
+    d = tmp_path / "dev"
+    enroll.enroll(
+        d,
+        repo_url=world.server.url,
+        root=world.root_json,
+        models=[MODEL],
+        recipient_key=world.fleet_key_path,
+        limits=fast_limits(),
+    )
+    world.publish("1.0.0", 2.0)
+    out = poll(d)
+    assert out.action == "error" and "trust policy" in str(out.error)
+    agent = Agent(config.load(d))
+    assert agent.journal.model(MODEL).failed == {}
+    assert agent.journal.model(MODEL).failed_bundles == {}
 
 
 def test_revert_report_bad_and_confirm(world: World, tmp_path: Path) -> None:
