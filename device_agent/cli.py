@@ -133,10 +133,12 @@ def run(
 def status(data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Show what each model runs, the last check and the last error."""
     from device_agent import status as status_mod
+    from device_agent.state import Journal
 
     data = config_mod.resolve_data_dir(data_dir)
-    config_mod.load(data)
-    doc = status_mod.load(data)
+    cfg = config_mod.load(data)
+    # Before the first poll there is no status.json: describe what is installed.
+    doc = status_mod.load(data) or status_mod.build(cfg, Journal.load(data), {}, stale=False)
 
     def human() -> None:
         typer.echo(f"device {doc.get('device_id', '?')}  stale: {doc.get('stale', False)}")
