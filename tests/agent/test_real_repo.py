@@ -114,3 +114,45 @@ def test_each_profile_gets_its_variant_then_rollback_and_revoke(
     assert poll(nuc).action == "up-to-date"
     assert v2 in Slots(nuc, MODEL).installed()  # cached, but revoked: never reverted to
     assert poll(pi).action == "up-to-date"  # the pi never took 2.0.0 after the rollback
+
+
+def test_two_models_are_independent(fleet: Fleet, tmp_path: Path) -> None:
+    from device_agent import config, loop
+    from device_agent.agent import Agent
+
+    other = "iris"
+    repo.add_model(fleet.workdir, other, fleet.base / "team.pub", passphrase=repo.no_passphrase)
+    fleet.release("1.0.0", 2.0)
+    src = fleet.base / "src-iris"
+    health = make_model_dir(src, 5.0, bad_golden=True)  # this one fails its health check
+    bad = bundle.pack(
+        src,
+        fleet.base / "bundles",
+        name=other,
+        version="1.0.0",
+        recipients=[fleet.fleet.public_key()],
+        signer=ProducerKeySigner(fleet.producer),
+        health=health,
+    ).path
+    repo.publish(
+        fleet.workdir,
+        [bad],
+        key=str(fleet.base / "team.key"),
+        passphrase=repo.no_passphrase,
+        channel="stable",
+    )
+    data = tmp_path / "dev"
+    enroll.enroll(
+        data,
+        repo_url=fleet.url,
+        root=fleet.workdir / "public/metadata/1.root.json",
+        models=[MODEL, other],
+        profile="intel-nuc",
+        trust=fleet.base / "producer.pub",
+        recipient_key=fleet.base / "fleet.key",
+        limits=fast_limits(),
+    )
+    outcomes = {o.model: o for o in loop.poll_once(Agent(config.load(data)))}
+    assert outcomes[MODEL].action == "installed"
+    assert outcomes[other].action == "failed" and "health check" in str(outcomes[other].error)
+    assert Slots(data, MODEL).current() is not None and Slots(data, other).current() is None
