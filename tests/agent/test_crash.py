@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,14 +47,15 @@ class Bench:
     digests: dict[str, str]
     full_run_s: float
 
-    def fresh_device(self, name: str) -> tuple[Path, Path]:
-        """A copy of the baseline device and empty watched folders (cwd, TMPDIR, HOME)."""
+    def fresh_device(self, name: str, *, never_installed: bool = False) -> tuple[Path, Path]:
+        """A copy of the baseline device (or of one that never installed anything)
+        and empty watched folders (cwd, TMPDIR, HOME)."""
         data = self.root / name / "data"
         watch = self.root / name / "watch"
-        for p in (data.parent,):
-            if p.exists():
-                remove_tree(p)
-        shutil.copytree(self.baseline, data, symlinks=True)
+        if data.parent.exists():
+            remove_tree(data.parent)
+        source = self.root / "fresh" if never_installed else self.baseline
+        shutil.copytree(source, data, symlinks=True)
         for sub in ("cwd", "tmp", "home"):
             (watch / sub).mkdir(parents=True)
         return data, watch
@@ -66,6 +68,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     world.publish("1.0.0", 2.0)
     baseline = root / "baseline"
     world.enroll(baseline)
+    shutil.copytree(baseline, root / "fresh", symlinks=True)  # enrolled, never installed
     assert poll(baseline).action == "installed"
     rev1 = str(Slots(baseline, MODEL).current())
     world.publish("2.0.0", 3.0)
@@ -126,6 +129,32 @@ def run_subprocess(data: Path, watch: Path, crash: str | None) -> int:
     return proc.returncode
 
 
+def forkserver() -> Any:
+    """A forkserver context preloaded with everything an in-process poll imported.
+
+    The bench fixture has run polls in this process, so ``sys.modules`` holds
+    the agent's whole import graph; forked runs then start warm. The preload
+    only takes effect before the server's first start, so every test uses this.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    roots = (
+        "device_agent",
+        "edgepack",
+        "onnxruntime",
+        "numpy",
+        "tuf",
+        "securesystemslib",
+        "cryptography",
+        "model_signing",
+        "sigstore",
+        "in_toto_attestation",
+        "google",
+    )
+    warm = sorted(m for m in sys.modules if m.split(".")[0] in roots and "test" not in m)
+    ctx.set_forkserver_preload([*_crashchild.PRELOAD, *warm])
+    return ctx
+
+
 BOUNDARIES = [
     "checking:1",
     "downloading:1",
@@ -173,23 +202,7 @@ def test_kill_during_operator_rollback_switch(bench: Bench) -> None:
 @pytest.mark.slow
 def test_random_kills_seeded(bench: Bench) -> None:
     """At least 200 SIGKILLs at seeded random crash points and random instants."""
-    ctx = multiprocessing.get_context("forkserver")
-    # Everything an in-process poll imported (the bench ran two), so a forked run starts warm.
-    roots = (
-        "device_agent",
-        "edgepack",
-        "onnxruntime",
-        "numpy",
-        "tuf",
-        "securesystemslib",
-        "cryptography",
-        "model_signing",
-        "sigstore",
-        "in_toto_attestation",
-        "google",
-    )
-    warm = sorted(m for m in sys.modules if m.split(".")[0] in roots and "test" not in m)
-    ctx.set_forkserver_preload([*_crashchild.PRELOAD, *warm])
+    ctx = forkserver()
     # How long one forked, uninterrupted update takes: the range of the timed kills.
     data, watch = bench.fresh_device("calibrate")
     start = time.monotonic()
@@ -235,3 +248,25 @@ def test_random_kills_seeded(bench: Bench) -> None:
         # (checking is never written: it has no side effect to recover from)
         wanted = {s.value for s in State if s not in (State.IDLE, State.CHECKING)}
         assert seen_states >= wanted, seen_states
+
+
+@pytest.mark.slow
+def test_kills_on_a_device_that_never_had_a_model(bench: Bench) -> None:
+    """On a fresh device `current` is absent or the verified new revision, never broken."""
+    ctx = forkserver()
+    for n in range(1, 16):
+        data, watch = bench.fresh_device("fresh-run", never_installed=True)
+        proc = ctx.Process(target=_crashchild.run_once, args=(str(data), f"any:{n}", str(watch)))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode in (0, -signal.SIGKILL)
+        active = Slots(data, MODEL).current()
+        assert active in (None, bench.rev2), active
+        if active is not None:
+            assert tree_digest(Slots(data, MODEL).revision_dir(active)) == bench.digests[active]
+        for sub in ("cwd", "tmp", "home"):
+            assert list((watch / sub).iterdir()) == []
+        proc = ctx.Process(target=_crashchild.run_once, args=(str(data), "", str(watch)))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0 and Slots(data, MODEL).current() == bench.rev2
