@@ -220,13 +220,7 @@ class Agent:
             if info is None:
                 raise InvalidInputError(f"channel names {chosen.variant.target}, not in the repo")
             return self._apply(client, name, chosen.version, info)
-        except (
-            tuf_exc.DownloadError,
-            tuf_exc.RepositoryError,
-            InvalidInputError,
-            EdgepackError,
-            OSError,
-        ) as exc:
+        except (tuf_exc.DownloadError, tuf_exc.RepositoryError, EdgepackError, OSError) as exc:
             self._after_error(client, name, exc)
             return Outcome(name, "error", slots.current(), error=_describe(exc))
 
