@@ -32,6 +32,8 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from edgepack._atomic import fsync_dir
+from edgepack._atomic import write_atomic as _write_atomic
 from edgepack.errors import ConflictError, InvalidInputError, KeyFileError
 from edgepack.repo._keys import PassphraseSource, open_signer
 from edgepack.repo._settings import (
@@ -94,20 +96,8 @@ def publish_lock(paths: RepoPaths, wait: float = LOCK_WAIT_SECONDS) -> Iterator[
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` to ``path`` via a temp file, fsync and ``os.replace`` (mode 0644)."""
+    _write_atomic(path, data, mode=0o644)
 
 
 def copy_atomic(source: Path, path: Path) -> None:
@@ -124,15 +114,7 @@ def copy_atomic(source: Path, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 @dataclass
