@@ -374,3 +374,39 @@ def signature_summary(data: bytes) -> dict[str, Any]:
         }
     except Exception:
         return {"kind": "unreadable"}
+
+
+def open_signer(
+    sign_key: Path | None,
+    *,
+    certificate: Path | None = None,
+    chain: Sequence[Path] = (),
+    sigstore: bool = False,
+    identity_token: str | None = None,
+    passphrase_env: str | None = None,
+) -> ProducerSigner:
+    """The producer signer the command-line options name.
+
+    ``--sign-key`` alone: a local EC key. With ``--sign-cert`` (and
+    ``--sign-chain``): that key with its X.509 certificate chain. ``--sigstore``:
+    keyless signing through sigstore (no key file; needs the network).
+    """
+    from edgepack.keys import load_signing_key
+
+    if sigstore:
+        if sign_key is not None or certificate is not None:
+            raise InvalidInputError(
+                "--sigstore signs without a key file; drop --sign-key/--sign-cert"
+            )
+        return SigstoreSigner(identity_token)
+    if sign_key is None:
+        raise InvalidInputError(
+            "no signer given", hint="pass --sign-key KEY (or --sigstore for keyless)"
+        )
+    if certificate is not None:
+        return CertificateSigner(sign_key, certificate, chain, passphrase_env)
+    if chain:
+        raise InvalidInputError(
+            "--sign-chain needs --sign-cert", hint="pass the signing certificate too"
+        )
+    return load_signing_key(sign_key, passphrase_env)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import typer
 
-from edgepack.cli._keys import PASSPHRASE_ENV_OPTION
+from edgepack.cli._keys import (
+    PASSPHRASE_ENV_OPTION,
+    SIGN_CERT_OPTION,
+    SIGN_CHAIN_OPTION,
+    SIGN_KEY_OPTION,
+    SIGSTORE_OPTION,
+)
 from edgepack.cli._output import JSON_OPTION, emit
 
 RECIPE_HELP = "none | fp16 | dynamic | static | auto (default: the profile's recipe)."
@@ -71,9 +77,10 @@ def build_command(
     recipient: list[Path] = typer.Option(
         ..., "--recipient", metavar="PUB", help="X25519 public key allowed to decrypt (repeatable)."
     ),
-    sign_key: Path = typer.Option(
-        ..., "--sign-key", metavar="KEY", help="EC P-256 producer signing key."
-    ),
+    sign_key: Path | None = SIGN_KEY_OPTION,
+    sign_cert: Path | None = SIGN_CERT_OPTION,
+    sign_chain: list[Path] = SIGN_CHAIN_OPTION,
+    sigstore: bool = SIGSTORE_OPTION,
     passphrase_env: str | None = PASSPHRASE_ENV_OPTION,
     output: Path = typer.Option(
         ..., "-o", "--output", metavar="OUTDIR", help="Directory to write the bundles into."
@@ -83,10 +90,17 @@ def build_command(
     """Convert, quantise and validate a model per hardware profile, then pack signed bundles."""
     from edgepack.build import build
     from edgepack.build.convert import PICKLE_RISK, PICKLE_SUFFIXES
-    from edgepack.keys import load_recipient_public_key, load_signing_key
+    from edgepack.keys import load_recipient_public_key
+    from edgepack.signing import open_signer
 
     recipients = [load_recipient_public_key(p) for p in recipient]
-    signer = load_signing_key(sign_key, passphrase_env)
+    signer = open_signer(
+        sign_key,
+        certificate=sign_cert,
+        chain=sign_chain,
+        sigstore=sigstore,
+        passphrase_env=passphrase_env,
+    )
     if allow_pickle and model.suffix.lower() in PICKLE_SUFFIXES:
         typer.echo(f"edgepack: warning: {PICKLE_RISK}", err=True)
     with _steps() as step:

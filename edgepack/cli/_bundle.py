@@ -7,7 +7,13 @@ from typing import Any
 
 import typer
 
-from edgepack.cli._keys import PASSPHRASE_ENV_OPTION
+from edgepack.cli._keys import (
+    PASSPHRASE_ENV_OPTION,
+    SIGN_CERT_OPTION,
+    SIGN_CHAIN_OPTION,
+    SIGN_KEY_OPTION,
+    SIGSTORE_OPTION,
+)
 from edgepack.cli._output import JSON_OPTION, emit
 from edgepack.cli._progress import byte_progress
 from edgepack.errors import InvalidInputError
@@ -80,9 +86,10 @@ def pack_command(
     recipient: list[Path] = typer.Option(
         ..., "--recipient", metavar="PUB", help="X25519 public key allowed to decrypt (repeatable)."
     ),
-    sign_key: Path = typer.Option(
-        ..., "--sign-key", metavar="KEY", help="EC P-256 producer signing key."
-    ),
+    sign_key: Path | None = SIGN_KEY_OPTION,
+    sign_cert: Path | None = SIGN_CERT_OPTION,
+    sign_chain: list[Path] = SIGN_CHAIN_OPTION,
+    sigstore: bool = SIGSTORE_OPTION,
     output: Path = typer.Option(
         ..., "-o", "--output", metavar="OUTDIR", help="Directory to write the bundle into."
     ),
@@ -98,10 +105,17 @@ def pack_command(
     """Pack a model directory into one signed, encrypted bundle (NAME-VERSION-PROFILE.epk)."""
     from edgepack.bundle import pack
     from edgepack.bundle.writer import collect_payload
-    from edgepack.keys import load_recipient_public_key, load_signing_key
+    from edgepack.keys import load_recipient_public_key
+    from edgepack.signing import open_signer
 
     recipients = [load_recipient_public_key(p) for p in recipient]
-    signer = load_signing_key(sign_key, passphrase_env)
+    signer = open_signer(
+        sign_key,
+        certificate=sign_cert,
+        chain=sign_chain,
+        sigstore=sigstore,
+        passphrase_env=passphrase_env,
+    )
     architectures: list[str] = []
     if hw is not None:
         from edgepack.hw import load_profile

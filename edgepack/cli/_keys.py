@@ -35,6 +35,29 @@ PASSPHRASE_ENV_OPTION = typer.Option(
 )
 
 
+SIGN_KEY_OPTION = typer.Option(
+    None,
+    "--sign-key",
+    metavar="KEY",
+    help="EC P-256 producer signing key (with --sign-cert: its key).",
+)
+SIGN_CERT_OPTION = typer.Option(
+    None,
+    "--sign-cert",
+    metavar="CERT",
+    help="X.509 certificate of --sign-key: sign with a certificate chain.",
+)
+SIGN_CHAIN_OPTION = typer.Option(
+    [],
+    "--sign-chain",
+    metavar="PEM",
+    help="Intermediate/root certificates of --sign-cert (repeatable).",
+)
+SIGSTORE_OPTION = typer.Option(
+    False, "--sigstore", help="Sigstore keyless signing (OIDC; needs network access to sigstore)."
+)
+
+
 @keys_app.command("generate")
 def generate(
     kind: KeyKindChoice = typer.Argument(
