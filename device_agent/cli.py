@@ -212,6 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-from device_agent import cli_detect  # noqa: E402 - the hardware helper's command, registered last
+from device_agent import cli_detect  # noqa: E402 - hardware detection lives in its own module, registered last
 
 cli_detect.register(app)

@@ -376,7 +376,7 @@ def rotate_command(
 
 
 def register_keys_rotate(keys_app: typer.Typer) -> None:
-    """Add ``keys rotate`` to the lead's ``keys`` group."""
+    """Add ``keys rotate`` to the ``keys`` group (edgepack/cli/_keys.py)."""
     keys_app.command("rotate")(rotate_command)
 
 
