@@ -41,3 +41,12 @@ def test_readme_links_point_at_docs_that_exist() -> None:
     for link in re.findall(r"\]\((docs/[\w.-]+)\)", text):
         assert (ROOT / link).is_file(), f"README links {link}, which does not exist"
     assert "make demo" in text and "make test" in text
+
+
+def test_cli_reference_is_generated_from_the_commands() -> None:
+    from edgepack.cli._docs import render
+
+    committed = (ROOT / "docs" / "cli.md").read_text()
+    assert committed == render(), (
+        "docs/cli.md is stale: run .venv/bin/python -m edgepack.cli._docs > docs/cli.md"
+    )

@@ -24,14 +24,19 @@ def run_cli(app: typer.Typer, prog: str, argv: list[str]) -> int:
     except EdgepackError as exc:
         typer.echo(f"{prog}: error: {exc.diagnostics()}", err=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code or 0)
-    except click.exceptions.Abort:
+    except (typer.Exit, click.exceptions.Exit) as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except (typer.Abort, click.exceptions.Abort):
         typer.echo(f"{prog}: aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+    except (typer.TyperException, click.ClickException) as exc:
+        # Usage and parameter errors (typer vendors click; both spellings are caught).
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"{prog}: error: {exc}", err=True)
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         typer.echo(f"{prog}: interrupted", err=True)
         return 130

@@ -301,3 +301,15 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command in (["pack"], ["verify"], ["inspect"], ["keys", "generate"]):
         code, out, _ = run(capsys, *command, "--help")
         assert code == 0 and "Usage" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["pack"], ["nosuch"], ["verify", "--bogus"], ["keys", "generate", "nonsense", "-o", "x"]],
+)
+def test_usage_errors_exit_2_with_usage_not_a_bug_report(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert "Usage:" in err and "internal error" not in err
