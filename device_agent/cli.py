@@ -90,7 +90,10 @@ def enroll(
         "device_id": result.device_id,
         "public_key": str(result.public_key),
         "config": str(result.config_path),
+        "warnings": list(result.warnings),
     }
+    for warning in result.warnings:
+        typer.echo(f"edgepack-agent: warning: {warning}", err=True)
 
     def human() -> None:
         typer.echo(f"device id:  {result.device_id}")

@@ -27,6 +27,29 @@ class Enrolment:
     device_id: str
     public_key: Path
     config_path: Path
+    warnings: tuple[str, ...] = ()
+
+
+def _check_profile(profile: str) -> tuple[str, ...]:
+    """Refuse an unknown profile name; warn when a named profile is for another architecture.
+
+    A named profile is the operator's word on the device class (it also sets
+    the architecture whose variants the device takes), so a mismatch with this
+    machine is allowed — a simulated device, a test rig — but said out loud.
+    """
+    if profile in ("", "auto"):
+        return ()
+    from device_agent.selection import machine_architecture
+    from edgepack.hw import load_profile
+
+    wanted = load_profile(profile).architecture
+    here = machine_architecture()
+    if wanted != here:
+        return (
+            f"profile {profile!r} is for {wanted} but this machine is {here}: the device will take "
+            f"{wanted} variants (use --profile auto on real hardware)",
+        )
+    return ()
 
 
 def device_id_for(public_raw: bytes) -> str:
@@ -55,6 +78,7 @@ def enroll(
     limits: Limits | None = None,
 ) -> Enrolment:
     """Enrol this device; everything written stays inside ``data_dir``."""
+    warnings = _check_profile(profile)
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o755)
     try:
@@ -110,4 +134,4 @@ def enroll(
         limits=limits or Limits(),
     )
     config_mod.save(cfg)
-    return Enrolment(cfg.device_id, pub_path, cfg.config_path)
+    return Enrolment(cfg.device_id, pub_path, cfg.config_path, warnings)

@@ -119,3 +119,28 @@ def test_run_daemon_polls_and_stops_on_sigterm(world: World, tmp_path: Path) -> 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_enroll_checks_the_named_profile(world: World, tmp_path: Path) -> None:
+    """An unknown profile is refused before anything is written; a foreign one is enrolled with a warning."""
+    import platform
+
+    common = [
+        "--repo-url",
+        world.server.url,
+        "--root",
+        str(world.root_json),
+        "--model",
+        MODEL,
+        "--json",
+    ]
+    data = tmp_path / "dev"
+    out = agent("enroll", *common, "--profile", "toaster-9000", "--data-dir", str(data))
+    assert out.returncode == 3
+    assert "toaster-9000" in out.stderr and "Traceback" not in out.stderr
+    assert not data.exists()
+    foreign = "raspberry-pi-4" if platform.machine() in ("x86_64", "AMD64") else "intel-nuc"
+    out = agent("enroll", *common, "--profile", foreign, "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    assert "warning:" in out.stderr and "--profile auto" in out.stderr
+    assert json.loads(out.stdout)["warnings"]
