@@ -9,17 +9,9 @@ from typing import Any
 import typer
 
 from device_agent import config as config_mod
-from edgepack._version import __version__
-from edgepack.cli._output import JSON_OPTION, emit, run_cli
+from edgepack.cli._output import JSON_OPTION, emit, new_app, run_cli
 
-app = typer.Typer(
-    name="edgepack-agent",
-    help="Install and run edgepack models on this device, safely.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = new_app("edgepack-agent", "Install and run edgepack models on this device, safely.")
 
 DATA_DIR_OPTION = typer.Option(
     None,
@@ -27,25 +19,6 @@ DATA_DIR_OPTION = typer.Option(
     envvar="EDGEPACK_DATA_DIR",
     help="The agent's data directory (default /var/lib/edgepack).",
 )
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"edgepack-agent {__version__}")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(
-        False,
-        "--version",
-        callback=_version_callback,
-        is_eager=True,
-        help="Print the version and exit.",
-    ),
-) -> None:
-    """Install and run edgepack models on this device, safely."""
 
 
 def _agent(data_dir: Path | None) -> Any:

@@ -67,3 +67,37 @@ def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+
+
+def new_app(prog: str, summary: str) -> typer.Typer:
+    """A command-line app with the settings both CLIs share and a ``--version`` option."""
+    from edgepack._version import __version__
+
+    app = typer.Typer(
+        name=prog,
+        help=summary,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+    def show_version(value: bool) -> None:
+        if value:
+            typer.echo(f"{prog} {__version__}")
+            raise typer.Exit(0)
+
+    def root(
+        version: bool = typer.Option(
+            False,
+            "--version",
+            callback=show_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ) -> None:
+        pass
+
+    root.__doc__ = summary
+    app.callback()(root)
+    return app
