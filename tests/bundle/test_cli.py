@@ -15,6 +15,11 @@ from edgepack.cli import main
 from tests.bundle import surgery
 from tests.bundle.conftest import write_linear_model
 
+PACK_V1 = (
+    "pack", "model", "--name", "linear", "--version", "1.0.0",
+    "--recipient", "device.pub", "--sign-key", "producer.key", "-o", "out",
+)  # fmt: skip
+
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
@@ -43,22 +48,7 @@ def test_keys_are_private_and_encrypted(workspace: Path) -> None:
 
 
 def test_pack_inspect_verify(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(
-        capsys,
-        "pack",
-        "model",
-        "--name",
-        "linear",
-        "--version",
-        "1.0.0",
-        "--recipient",
-        "device.pub",
-        "--sign-key",
-        "producer.key",
-        "-o",
-        "out",
-        "--json",
-    )
+    code, out, _ = run(capsys, *PACK_V1, "--json")
     assert code == 0
     packed = json.loads(out)
     bundle = Path(packed["path"])
@@ -151,24 +141,7 @@ def test_pack_inspect_verify(workspace: Path, capsys: pytest.CaptureFixture[str]
 def test_bad_input_is_one_line_and_a_meaningful_exit(
     workspace: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, message: str
 ) -> None:
-    assert (
-        run(
-            capsys,
-            "pack",
-            "model",
-            "--name",
-            "linear",
-            "--version",
-            "1.0.0",
-            "--recipient",
-            "device.pub",
-            "--sign-key",
-            "producer.key",
-            "-o",
-            "out",
-        )[0]
-        == 0
-    )
+    assert run(capsys, *PACK_V1)[0] == 0
     argv = [a.replace("BUNDLE", "out/linear-1.0.0-any.epk") for a in argv]
     before = sorted(str(p) for p in workspace.rglob("*"))
     got, _out, err = run(capsys, *argv)
@@ -179,21 +152,7 @@ def test_bad_input_is_one_line_and_a_meaningful_exit(
 
 
 def test_tampered_bundle_exits_4(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run(
-        capsys,
-        "pack",
-        "model",
-        "--name",
-        "linear",
-        "--version",
-        "1.0.0",
-        "--recipient",
-        "device.pub",
-        "--sign-key",
-        "producer.key",
-        "-o",
-        "out",
-    )
+    assert run(capsys, *PACK_V1)[0] == 0
     bundle = workspace / "out" / "linear-1.0.0-any.epk"
     offset, _ = surgery.payload_segments(bundle)[0]
     flipped = surgery.flip(bundle, offset + 3)
