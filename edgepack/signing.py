@@ -81,6 +81,26 @@ def _key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(pem).hexdigest()
 
 
+class _DeterministicKey:
+    """An EC private key that signs with RFC 6979 deterministic ECDSA.
+
+    model-signing asks the key object for ``sign(data, ECDSA(hash))``; this
+    wrapper keeps its hash choice and makes the nonce deterministic, so the
+    same manifest signed twice gives the same bytes (bundles are reproducible
+    apart from their encryption) and no signature depends on the quality of
+    the signing machine's random numbers.
+    """
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+
+    def sign(self, data: bytes, algorithm: ec.ECDSA) -> bytes:
+        return self._key.sign(data, ec.ECDSA(algorithm.algorithm, deterministic_signing=True))
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+
 class ProducerKeySigner:
     """Signs with a local EC P-256 key: the offline default."""
 
@@ -88,7 +108,8 @@ class ProducerKeySigner:
         from model_signing._signing import sign_ec_key
 
         signer = sign_ec_key.Signer.__new__(sign_ec_key.Signer)
-        signer._private_key = private_key  # the library only loads keys from paths
+        # The library only loads keys from paths, and only needs sign() and public_key().
+        signer._private_key = _DeterministicKey(private_key)  # type: ignore[assignment]
         self._signer = signer
         self._key_id = _key_id(private_key.public_key())
 
@@ -117,7 +138,7 @@ class CertificateSigner:
 
         key = load_signing_private_key(private_key_path, passphrase_env)
         signer = sign_certificate.Signer.__new__(sign_certificate.Signer)
-        signer._private_key = key
+        signer._private_key = _DeterministicKey(key)  # type: ignore[assignment]
         try:
             signer._signing_certificate = x509.load_pem_x509_certificate(certificate.read_bytes())
             signer._trust_chain = x509.load_pem_x509_certificates(

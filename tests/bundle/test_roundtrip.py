@@ -64,6 +64,8 @@ def test_metadata_is_deterministic_and_only_crypto_bytes_vary(
         "meta/signature.sigstore.json",
     ]
     assert first["meta/bundle.json"] == second["meta/bundle.json"]
+    # Deterministic ECDSA (RFC 6979): the same manifest signs to the same bytes.
+    assert first["meta/signature.sigstore.json"] == second["meta/signature.sigstore.json"]
     assert len(first["payload.enc"]) == len(second["payload.enc"])
     assert first["payload.enc"] != second["payload.enc"]  # fresh content key and nonces
     enc_a, enc_b = (
