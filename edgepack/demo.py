@@ -360,6 +360,24 @@ def broken_release(demo: Demo, v1: Sequence[Path]) -> list[Path]:
     return out
 
 
+def summary(demo: Demo) -> None:
+    """A table of each device: its profile, what it runs, what it keeps cached."""
+    from rich.table import Table
+
+    table = Table(title="the fleet now")
+    for column in ("device", "profile", "running", "cached revisions (known good)"):
+        table.add_column(column)
+    for device, facts in demo.devices.items():
+        listed = demo.run("edgepack-agent", "list", MODEL, "--data-dir", str(facts["data"]))
+        revisions = listed.get(MODEL, []) if isinstance(listed, dict) else []
+        active = next((r["version"] for r in revisions if r.get("active")), "-")
+        cached = ", ".join(
+            str(r["version"]) for r in revisions if r.get("known_good") and not r.get("active")
+        )
+        table.add_row(device, str(facts["profile"]), str(active), cached or "-")
+    console.print(table)
+
+
 def split_rollout(demo: Demo, version: str) -> int:
     """50%, or — with only two devices — the nearest percentage that puts exactly one of them in."""
     from edgepack.channel import rollout_bucket
@@ -464,6 +482,8 @@ def main() -> int:
             console.print(
                 f"rollback published in {published:.2f} s; devices switched on their next poll, from cache"
             )
+
+            summary(demo)
 
             demo.step("Where everything lives, and what to try next")
             console.print(
