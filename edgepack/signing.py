@@ -21,7 +21,7 @@ import pathlib
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -215,14 +215,18 @@ class TrustPolicy:
     certificate_chains: tuple[tuple[Path, ...], ...] = ()
     sigstore: tuple[SigstoreIdentity, ...] = ()
     source: str = "<inline>"
-    key_ids: tuple[str, ...] = field(default=())
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """Identifiers of the accepted keys (sha256 of each public PEM), in order."""
+        return tuple(_key_id(k) for k in self.keys)
 
     @staticmethod
     def from_keys(
         keys: Sequence[ec.EllipticCurvePublicKey], source: str = "<inline>"
     ) -> TrustPolicy:
         """A policy accepting exactly these producer public keys."""
-        return TrustPolicy(keys=tuple(keys), source=source, key_ids=tuple(_key_id(k) for k in keys))
+        return TrustPolicy(keys=tuple(keys), source=source)
 
 
 @dataclass(frozen=True)
@@ -286,7 +290,6 @@ def load_trust_policy(path: Path) -> TrustPolicy:
         certificate_chains=tuple(chains),
         sigstore=tuple(identities),
         source=str(path),
-        key_ids=tuple(_key_id(k) for k in keys),
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from edgepack.bundle import _container
+from edgepack.bundle._pieces import hash_pieces
 from edgepack.bundle.metadata import (
     DEFAULT_LIMITS,
     MEMBER_ORDER,
@@ -315,11 +316,6 @@ class _Sink:
                 self._flusher.shutdown(wait=True)
 
 
-def _hash_pieces(hashers: list[Any], pieces: list[tuple[int, memoryview]]) -> None:
-    for index, piece in pieces:
-        hashers[index].update(piece)
-
-
 def _decrypt_stream(
     info: BundleInfo,
     recipient_key: x25519.X25519PrivateKey,
@@ -363,7 +359,7 @@ def _decrypt_stream(
                     got += n
                 remaining -= want
                 plain = opener.open(view, plains[slot], last=index == count - 1)
-                pending[slot] = pool.submit(_hash_pieces, sink.hashers, sink.split(plain))
+                pending[slot] = pool.submit(hash_pieces, sink.hashers, sink.split(plain))
                 total += len(plain)
                 if progress is not None:
                     progress(len(plain))

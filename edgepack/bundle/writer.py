@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from edgepack._version import __version__
 from edgepack.bundle import _container
+from edgepack.bundle._pieces import hash_pieces
 from edgepack.bundle.metadata import (
     FORMAT,
     FORMAT_VERSION,
@@ -143,11 +144,6 @@ class _PayloadReader:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
-
-
-def _hash_pieces(hashers: list[Any], pieces: list[tuple[int, memoryview]]) -> None:
-    for index, piece in pieces:
-        hashers[index].update(piece)
 
 
 def pack(
@@ -287,7 +283,7 @@ def _write_payload(
                 if previous is not None:
                     previous.result()
                 length, pieces = source.fill(buffers[slot])
-                pending[slot] = hasher.submit(_hash_pieces, source.hashers, pieces)
+                pending[slot] = hasher.submit(hash_pieces, source.hashers, pieces)
                 last = index == total_segments - 1
                 raw.write(sealer.seal(memoryview(buffers[slot])[:length], out, last=last))
                 written += length

@@ -22,40 +22,21 @@ from edgepack.errors import InvalidInputError
 def model_io(model_path: Path) -> dict[str, Any]:
     """Names, element types and shapes of an ONNX model's inputs and outputs.
 
-    Uses onnx when installed (the builder extra); otherwise onnxruntime, which
-    every install has.
+    Uses the builder's reader when onnx is installed (the builder extra);
+    otherwise onnxruntime, which every install has.
     """
     try:
-        import onnx
+        from edgepack.build.validate import model_io as read_io
     except ImportError:
         return _model_io_onnxruntime(model_path)
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
+        inputs, outputs = read_io(model_path)
     except Exception as exc:
         raise InvalidInputError(f"{model_path} is not a readable ONNX model: {exc}") from None
-
-    def describe(values: Any) -> list[dict[str, Any]]:
-        result = []
-        for value in values:
-            tensor = value.type.tensor_type
-            shape = [
-                d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
-                for d in tensor.shape.dim
-            ]
-            dtype = (
-                onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-                if tensor.elem_type
-                else "unknown"
-            )
-            result.append({"name": value.name, "dtype": dtype, "shape": shape})
-        return result
-
-    initializers = {i.name for i in proto.graph.initializer}
-    inputs = [v for v in proto.graph.input if v.name not in initializers]
     return {
         "path": model_path.name,
-        "inputs": describe(inputs),
-        "outputs": describe(proto.graph.output),
+        "inputs": [i.as_dict() for i in inputs],
+        "outputs": [o.as_dict() for o in outputs],
     }
 
 

@@ -166,60 +166,17 @@ def test_loose_permissions_and_wrong_passphrase(
     workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     os.chmod(workspace / "producer.key", 0o644)
-    code, _, err = run(
-        capsys,
-        "pack",
-        "model",
-        "--name",
-        "m",
-        "--version",
-        "1",
-        "--recipient",
-        "device.pub",
-        "--sign-key",
-        "producer.key",
-        "-o",
-        "o",
-    )
+    code, _, err = run(capsys, *PACK_V1)
     assert code == 5 and "chmod 600" in err
     os.chmod(workspace / "producer.key", 0o600)
     monkeypatch.setenv("EDGEPACK_PASSPHRASE", "wrong")
-    code, _, err = run(
-        capsys,
-        "pack",
-        "model",
-        "--name",
-        "m",
-        "--version",
-        "1",
-        "--recipient",
-        "device.pub",
-        "--sign-key",
-        "producer.key",
-        "-o",
-        "o",
-    )
+    code, _, err = run(capsys, *PACK_V1)
     assert code == 5 and "wrong passphrase" in err
+    assert not (workspace / "out").exists()  # refused before anything was written
     monkeypatch.setenv("MY_PASS", "correct horse")
-    code, _, _ = run(
-        capsys,
-        "pack",
-        "model",
-        "--name",
-        "m",
-        "--version",
-        "1",
-        "--recipient",
-        "device.pub",
-        "--sign-key",
-        "producer.key",
-        "--passphrase-env",
-        "MY_PASS",
-        "-o",
-        "o",
-    )
+    code, _, _ = run(capsys, *PACK_V1, "--passphrase-env", "MY_PASS")
     assert code == 0
-    assert not (workspace / "o" / "m-1-any.epk").with_suffix(".tmp").exists()
+    assert [p.name for p in (workspace / "out").iterdir()] == ["linear-1.0.0-any.epk"]
 
 
 def test_no_passphrase_and_no_terminal_is_an_error_not_a_hang(workspace: Path) -> None:
