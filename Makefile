@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit services bench clean
 
 $(VENV)/.stamp-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ lint: $(VENV)/.stamp-dev
 typecheck: $(VENV)/.stamp-dev
 	$(VENV)/bin/mypy
 
-unit: $(VENV)/.stamp-dev
+# Debian's servers the end-to-end tests start on loopback (nginx); the emulated
+# aarch64 root is prepared by the tests' own fixture (hw/emulation/aarch64.sh).
+services:
+	tests/setup/install-services.sh
+
+unit: $(VENV)/.stamp-dev services
 	$(VENV)/bin/pytest
 
 test: lint typecheck unit

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare an aarch64 Python environment under qemu user-mode emulation, idempotently:
-#   1. Debian's qemu-user-static and mmdebstrap on the host (apt-get, when missing);
+#   1. the host's Debian packages (HOST_TOOLS in lib.sh: qemu-user-static, mmdebstrap,
+#      arch-test, the archive keyring, util-linux, mount), with apt-get when missing;
 #   2. the qemu-aarch64 binfmt_misc handler (kernel state: redone after every boot);
 #   3. a minimal arm64 Debian bookworm root with python3 (3.11), in cache/rootfs;
 #   4. the aarch64 manylinux wheels of the agent's dependencies (pyproject's
@@ -13,13 +14,25 @@
 # A second run only re-checks: each step leaves a stamp keyed on its inputs.
 #
 # Usage: hw/emulation/aarch64.sh [--check]   (--check: run the smoke test even when warm)
+#        hw/emulation/aarch64.sh --packages   (print the Debian packages it installs, and exit)
 # Exit status: 0 ready; 3 this machine cannot run the emulation (reason on stderr);
 # anything else: a real failure.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 check=0
-[ "${1:-}" = "--check" ] && check=1
+case "${1:-}" in
+--check) check=1 ;;
+--packages)
+    for spec in "${HOST_TOOLS[@]}"; do echo "${spec#*:}"; done | sort -u
+    exit 0
+    ;;
+"") ;;
+*)
+    echo "usage: $0 [--check | --packages]" >&2
+    exit 2
+    ;;
+esac
 
 require_root
 mkdir -p "$CACHE"
@@ -35,14 +48,29 @@ step() { # step NAME START: log how long a step took
     printf '%s %s %ss\n' "$(date -u +%FT%TZ)" "$1" "$((now - $2))" >>"$TIMINGS"
 }
 
-# 1. Host packages.
+# 1. Host packages: every tool this script and run-aarch64.sh call, with the Debian
+# package that provides it. mmdebstrap needs arch-test for a foreign architecture
+# (a Recommends, so --no-install-recommends would drop it) and the archive keyring
+# to check the arm64 packages it fetches.
 t=$(date +%s)
-if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then
-    command -v apt-get >/dev/null || cannot "qemu-user-static and mmdebstrap are missing and there is no apt-get"
-    log "installing qemu-user-static and mmdebstrap with apt-get"
-    apt-get update -q >&2 || cannot "apt-get update failed (no Debian mirror reachable?)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        qemu-user-static mmdebstrap >&2 || cannot "apt-get install qemu-user-static mmdebstrap failed"
+missing=()
+for spec in "${HOST_TOOLS[@]}"; do
+    tool=${spec%%:*} pkg=${spec#*:}
+    if [[ $tool == /* ]]; then [ -e "$tool" ] && continue; else command -v "$tool" >/dev/null && continue; fi
+    [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null || cannot "${missing[*]} missing and there is no apt-get to install them"
+    log "installing ${missing[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -q >&2 || cannot "apt-get update failed (no Debian mirror reachable?)"
+    # The mirror answered: a failing install is a real failure, not a reason to skip.
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >&2
+    for spec in "${HOST_TOOLS[@]}"; do
+        tool=${spec%%:*}
+        if [[ $tool == /* ]]; then [ -e "$tool" ]; else command -v "$tool" >/dev/null; fi ||
+            { log "$tool is still missing after installing ${spec#*:}"; exit 1; }
+    done
     step host-packages "$t"
 fi
 

@@ -11,6 +11,21 @@ GUEST_SITE=/opt/edgepack/site
 SUITE=bookworm
 GUEST_PYTHON=3.11 # bookworm's python3
 CANNOT=3
+# tool:package for every host tool the two scripts call (a path where no command
+# names the package's content). coreutils, bash, python3 and perl are on every
+# Debian system (Essential or the project's own interpreter).
+HOST_TOOLS=(
+    qemu-aarch64-static:qemu-user-static
+    /usr/lib/binfmt.d/qemu-aarch64.conf:qemu-user-static
+    mmdebstrap:mmdebstrap
+    arch-test:arch-test
+    /usr/share/keyrings/debian-archive-keyring.gpg:debian-archive-keyring
+    apt-get:apt
+    gpgv:gpgv
+    flock:util-linux
+    unshare:util-linux
+    mount:mount
+)
 
 log() { printf 'aarch64-emu: %s\n' "$*" >&2; }
 cannot() {
