@@ -15,7 +15,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,10 @@ class Outcome:
     error: str | None = None
     checked: bool = True  # False when the repository could not be read at all
 
+    def describe(self) -> str:
+        """One line for a person: what happened to which release, and what runs now."""
+        return describe_outcome(vars(self))
+
     def as_status(self) -> dict[str, Any]:
         """The fields this outcome contributes to the status document."""
         now = time.time()
@@ -66,6 +70,27 @@ class Outcome:
         if self.checked:
             fields["last_check"] = now
         return fields
+
+
+_REFUSALS = frozenset({"failed", "kept", "no-release", "error"})
+
+
+def describe_outcome(outcome: Mapping[str, Any]) -> str:
+    """``Outcome`` fields (or their ``--json`` form) as one line for a person.
+
+    A refusal names the release it refused and, apart from it, the revision that
+    still runs, so "failed" never reads as if the running model had failed.
+    """
+    model, action = outcome.get("model"), outcome.get("action")
+    revision, version, error = outcome.get("revision"), outcome.get("version"), outcome.get("error")
+    if action not in _REFUSALS:
+        return f"{model}: {action} {revision or version or '-'}"
+    line = f"{model}: {action}"
+    if version and action in ("failed", "kept"):
+        line += f" {version}"
+    if error:
+        line += f" ({error})"
+    return line + (f"; running {revision}" if revision else "; no model running")
 
 
 class _ReleaseFailedError(Exception):

@@ -34,7 +34,9 @@ def _agent(data_dir: Path | None) -> Any:
 def enroll(
     repo_url: str = typer.Option(..., "--repo-url", help="Repository URL, or a directory copy."),
     root: Path = typer.Option(..., "--root", help="The repository's trusted root.json."),
-    model: list[str] = typer.Option([], "--model", help="A model to follow (repeatable)."),
+    model: list[str] = typer.Option(
+        ..., "--model", help="A model to follow (required; repeat for more)."
+    ),
     channel: str = typer.Option("stable", "--channel", help="stable, candidate, beta or edge."),
     cohort: str = typer.Option("", "--cohort", help="Rollout cohort of this device."),
     profile: str = typer.Option("auto", "--profile", help="Hardware profile, or auto."),
@@ -99,8 +101,7 @@ def run(
 
     def human() -> None:
         for o in outcomes:
-            extra = f" ({o.error})" if o.error else ""
-            typer.echo(f"{o.model}: {o.action} {o.revision or '-'}{extra}")
+            typer.echo(o.describe())
 
     emit(data, as_json, human)
 

@@ -77,7 +77,16 @@ def enroll(
     recipient_key: Path | None = None,
     limits: Limits | None = None,
 ) -> Enrolment:
-    """Enrol this device; everything written stays inside ``data_dir``."""
+    """Enrol this device; everything written stays inside ``data_dir``.
+
+    ``models`` must name at least one model: the repository has no list of models
+    a device could follow by itself, and a device that follows nothing would poll
+    for ever and install nothing without saying so.
+    """
+    if not models:
+        raise InvalidInputError(
+            "name at least one model to follow, e.g. --model digits (repeat for more)"
+        )
     warnings = _check_profile(profile)
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o755)

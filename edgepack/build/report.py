@@ -106,41 +106,40 @@ def render(report: BuildReport, console: Any) -> None:
         f"({report.validation.get('samples')} samples)",
         markup=False,
     )
-    table = Table(show_header=True, header_style="bold")
-    for column in (
-        "profile",
-        "recipe",
-        "size",
-        "×fp32",
-        "latency ms",
-        "speed-up",
-        "mean cos",
-        "min cos",
-        "max |Δ|",
-        "top-1",
-        "acc drop",
-        "bundle",
-    ):
-        table.add_column(column)
+    # Two narrow tables rather than one wide one, so that an 80-column terminal shows
+    # whole profile names; the bundle file goes on each variant's own line.
+    speed = Table(title="size and speed", show_header=True, header_style="bold")
+    speed.add_column("profile", no_wrap=True)
+    speed.add_column("recipe", overflow="fold")
+    for column in ("size", "×fp32", "latency ms", "speed-up"):
+        speed.add_column(column, justify="right", no_wrap=True)
+    quality = Table(title="quality against fp32", show_header=True, header_style="bold")
+    quality.add_column("profile", no_wrap=True)
+    for column in ("mean cos", "min cos", "max |Δ|", "top-1", "acc drop"):
+        quality.add_column(column, justify="right", no_wrap=True)
     for v in report.variants:
         q = v.quality
-        table.add_row(
+        speed.add_row(
             escape(v.profile),
             escape(v.recipe_label),
             _size(v.size_bytes),
             f"{v.size_ratio:.2f}",
             f"{v.latency_ms:.3f}",
             f"{v.speedup:.2f}x",
+        )
+        quality.add_row(
+            escape(v.profile),
             _fmt(q.get("mean_cosine")),
             _fmt(q.get("min_cosine")),
             _fmt(q.get("max_abs_diff"), 5),
             _fmt(q.get("top1_agreement")),
             _fmt(q.get("accuracy_drop")),
-            (v.bundle or "—").rsplit("/", 1)[-1],
         )
-    console.print(table)
+    console.print(speed)
+    console.print(quality)
     for v in report.variants:
-        console.print(f"[bold]{escape(v.profile)}[/bold]: {escape(v.reason)}")
+        bundle = f" → {escape(v.bundle.rsplit('/', 1)[-1])}" if v.bundle else ""
+        console.print(f"[bold]{escape(v.profile)}[/bold]{bundle}: {escape(v.reason)}")
         if v.excluded_nodes:
             console.print(f"  kept in fp32: {', '.join(v.excluded_nodes)}", markup=False)
         for note in v.notes:

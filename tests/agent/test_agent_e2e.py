@@ -82,6 +82,9 @@ def test_failed_health_check_is_kept_out_and_not_retried(world: World, data: Pat
     out = poll(data)
     assert out.action == "failed" and "health check failed" in str(out.error)
     assert current(data) == good
+    # The line for a person names the refused release, and the kept one apart from it.
+    line = out.describe()
+    assert line.startswith(f"{MODEL}: failed 2.0.0 (") and line.endswith(f"; running {good}")
     assert [r.split("-")[0] for r in Slots(data, MODEL).installed()] == ["1.0.0"]
     world.server.requests.clear()
     out = poll(data)

@@ -144,3 +144,24 @@ def test_enroll_checks_the_named_profile(world: World, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "warning:" in out.stderr and "--profile auto" in out.stderr
     assert json.loads(out.stdout)["warnings"]
+
+
+def test_enroll_without_a_model_is_refused_before_anything_is_written(
+    world: World, tmp_path: Path
+) -> None:
+    data = tmp_path / "dev"
+    common = ["--repo-url", world.server.url, "--root", str(world.root_json)]
+    out = agent("enroll", *common, "--data-dir", str(data))
+    assert out.returncode == 2 and "--model" in out.stderr and "Traceback" not in out.stderr
+    assert not data.exists()
+
+    from device_agent.enroll import enroll
+    from edgepack.errors import InvalidInputError
+
+    try:
+        enroll(data, repo_url=world.server.url, root=world.root_json, models=[])
+    except InvalidInputError as exc:
+        assert "--model" in str(exc)
+    else:
+        raise AssertionError("enroll() accepted a device that follows no model")
+    assert not data.exists()

@@ -174,3 +174,24 @@ def test_report_renders_free_text_literally(tmp_path: Path) -> None:
     assert "ids[9, 18]" in text and "[bold]not markup[/bold]" in text
     assert "fp32 (no quantisation)" in text and "generic-x86_64" in text
     assert staged.report.as_dict()["variants"][0]["size_ratio"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_report_fits_an_80_column_terminal_without_cutting_profile_names(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from edgepack.build.report import render
+
+    model = linear_model(tmp_path / "m")
+    staged = build_variants(model, hw="generic-x86_64", workdir=tmp_path / "w", quantize="none")
+    longest = "raspberry-pi-4"
+    for variant in staged.report.variants:
+        variant.profile, variant.bundle = longest, f"dist/m-1.0.0-{longest}.epk"
+    buffer = io.StringIO()
+    render(staged.report, Console(file=buffer, width=80))
+    lines = buffer.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line for line in lines if line.startswith("│") and longest in line]
+    assert len(rows) == 2, lines  # whole, once in each table
+    assert any(f"m-1.0.0-{longest}.epk" in line for line in lines)
