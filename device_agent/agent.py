@@ -22,7 +22,7 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 
-from device_agent import health, safeload, selection, status
+from device_agent import health, names, safeload, selection, status
 from device_agent.config import AgentConfig
 from device_agent.errors import (
     ConfigError,
@@ -32,7 +32,7 @@ from device_agent.errors import (
     UnsafeModelError,
 )
 from device_agent.fetcher import AgentFetcher
-from device_agent.slots import Slots, remove_tree
+from device_agent.slots import Slots
 from device_agent.state import RECOVERY, Journal, Recovery, Revision, State, Update
 from device_agent.tufclient import TufClient
 from edgepack import bundle
@@ -145,6 +145,19 @@ class Agent:
         self.journal = Journal.load(self.data)
         self.device = selection.Device.from_config(config)
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold ``DATA/.lock`` and work on the journal as it is on disk now.
+
+        Every change of state happens inside this: a daemon's poll and a local
+        verdict (``revert``, ``confirm``, ``report-bad``) each read the journal
+        only once they hold the lock, so neither acts on, or writes back, what
+        the other has already changed.
+        """
+        with locked(self.data):
+            self.journal = Journal.load(self.data)
+            yield
+
     # -- start-up recovery -----------------------------------------------------
     def recover(self) -> None:
         """Resume or clean up what a crash left, per the recovery table."""
@@ -253,7 +266,7 @@ class Agent:
         """Clean up after a failed update; the current revision is untouched."""
         mj = self.journal.model(name)
         slots = Slots(self.data, name)
-        remove_tree(slots.staging_root)
+        slots.remove_staging()
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and mj.update is not None:
             # A resumable partial is worthless on a full disk: give its space back first.
             client.clean_downloads(set())
@@ -269,9 +282,9 @@ class Agent:
     def _apply(self, client: TufClient, name: str, version: str, info: Any) -> Outcome:
         mj = self.journal.model(name)
         slots = Slots(self.data, name)
-        sha = str(info.hashes.get("sha256", ""))
-        if not sha:
+        if "sha256" not in info.hashes:
             raise InvalidInputError(f"{info.path} has no sha256 in TUF metadata")
+        sha = names.sha256(info.hashes["sha256"])  # it names files under DATA/downloads
         current = slots.current()
         if current and current in mj.revisions and mj.revisions[current].sha256 == sha:
             self.journal.enter(name, State.IDLE)
@@ -311,7 +324,7 @@ class Agent:
                 self.journal.save()
             self.journal.enter(name, State.IDLE)
             self._forget_unknown(name)
-            remove_tree(slots.staging_root)
+            slots.remove_staging()
             return Outcome(name, "failed", slots.current(), version, error=_describe(exc))
         return Outcome(name, "installed", revision, version)
 
@@ -336,7 +349,7 @@ class Agent:
             self._check_space(0, update.length)
         self.journal.enter(name, State.VERIFYING, update=update)
         staged = slots.staging_dir(update.revision)
-        remove_tree(staged)
+        slots.remove_staging(update.revision)
         staged.parent.mkdir(parents=True, exist_ok=True)
         binfo = bundle.unpack(
             bundle_path, staged, recipient_key=credentials[0], policy=credentials[1]

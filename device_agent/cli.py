@@ -147,10 +147,8 @@ def list_revisions(
 
 
 def _verdict(name: str, data_dir: Path | None, as_json: bool, action: str) -> None:
-    from device_agent.agent import locked
-
     agent = _agent(data_dir)
-    with locked(agent.data):
+    with agent.exclusive():
         revision = getattr(agent, action)(name)
     emit(
         {"model": name, "revision": revision, "action": action},

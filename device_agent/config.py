@@ -8,6 +8,7 @@ number in one place.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent import _atomic
+from device_agent import _atomic, names
 from device_agent.errors import NotEnrolledError
 from edgepack.errors import InvalidInputError
 
@@ -26,6 +27,7 @@ else:  # pragma: no cover - the agent's minimum is 3.10
 
 DEFAULT_DATA_DIR = Path("/var/lib/edgepack")
 CONFIG_NAME = "config.toml"
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -73,14 +75,22 @@ class AgentConfig:
         return self.data_dir / CONFIG_NAME
 
 
+def _toml_char(char: str) -> str:
+    # A TOML basic string holds no raw control characters (a raw newline ends it).
+    if char in ('"', "\\"):
+        return "\\" + char
+    if char < " " or char == "\x7f":
+        return f"\\u{ord(char):04x}"
+    return char
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
@@ -110,20 +120,77 @@ def load(data_dir: Path) -> AgentConfig:
     """Read ``DATA/config.toml``; unknown keys are an error so typos do not pass silently."""
     path = data_dir / CONFIG_NAME
     try:
-        raw = tomllib.loads(path.read_text())
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise NotEnrolledError(
             f"{data_dir} holds no enrolment ({CONFIG_NAME} missing)",
             hint="run `edgepack-agent enroll` first or pass the right --data-dir",
         ) from None
-    except tomllib.TOMLDecodeError as exc:
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InvalidInputError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{path} is not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, huge integers, deep nesting
         raise InvalidInputError(f"{path} is not valid TOML: {exc}") from None
     limits_raw = raw.pop("limits", {})
+    if not isinstance(limits_raw, dict):
+        raise InvalidInputError(f"{path}: [limits] must be a table")
     try:
-        limits = Limits(**limits_raw)
-        return AgentConfig(data_dir=data_dir, limits=limits, **raw)
+        limits = Limits(**_checked(Limits, limits_raw, path, "limits."))
+        config = AgentConfig(
+            data_dir=data_dir, limits=limits, **_checked(AgentConfig, raw, path, "")
+        )
     except TypeError as exc:
         raise InvalidInputError(f"{path}: {exc}", hint="remove or fix the unknown key") from None
+    try:
+        check_names(config.models, config.channel, config.cohort)
+    except InvalidInputError as exc:
+        raise InvalidInputError(
+            f"{path}: {exc}", hint="enrol again with valid --model, --channel and --cohort"
+        ) from None
+    return config
+
+
+def check_names(models: list[str], channel: str, cohort: str) -> None:
+    """Refuse a model, channel or cohort name that could not name a folder of its own."""
+    for name in models:
+        names.model(name)
+    names.channel(channel)
+    names.cohort(cohort)
+
+
+def _checked(cls: type[Any], raw: dict[str, Any], path: Path, prefix: str) -> dict[str, Any]:
+    """``raw`` with each known field checked against its declared type.
+
+    Strings stay strings and ``models`` a list of them; limits are non-negative
+    finite numbers (an ``int`` field takes integers only). Unknown keys are left
+    for the dataclass to refuse.
+    """
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # annotations, as text
+    checked: dict[str, Any] = {}
+    for key, value in raw.items():
+        kind = types.get(key)
+        where = f"{path}: {prefix}{key}"
+        if kind == "list[str]":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidInputError(f"{where} must be a list of strings")
+        elif kind in ("int", "float"):
+            wanted = int if kind == "int" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                raise InvalidInputError(
+                    f"{where} must be {'an integer' if kind == 'int' else 'a number'}"
+                )
+            if not math.isfinite(value) or value < 0:
+                raise InvalidInputError(f"{where} must be a finite number, zero or more")
+            if kind == "float":
+                value = float(value)
+        elif kind == "str" and not isinstance(value, str):
+            raise InvalidInputError(f"{where} must be a string")
+        checked[key] = value
+    return checked
 
 
 def confine_temp(data_dir: Path) -> Path:

@@ -87,6 +87,7 @@ def enroll(
         raise InvalidInputError(
             "name at least one model to follow, e.g. --model digits (repeat for more)"
         )
+    config_mod.check_names(models, channel, cohort)  # they become paths the agent deletes
     warnings = _check_profile(profile)
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o755)
@@ -134,7 +135,7 @@ def enroll(
         device_id=device_id_for(raw),
         metadata_url=metadata_url,
         targets_url=targets_url,
-        models=list(models),
+        models=list(dict.fromkeys(models)),
         channel=channel,
         cohort=cohort,
         profile=profile,

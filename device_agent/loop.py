@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
-from device_agent.agent import Agent, Outcome, locked
+from device_agent.agent import Agent, Outcome
 from device_agent.config import Limits
 from edgepack.errors import EdgepackError
 
@@ -30,8 +30,9 @@ def failed(outcomes: list[Outcome]) -> bool:
 
 
 def poll_once(agent: Agent) -> list[Outcome]:
-    """Recover what a crash left, then poll, under the data directory's lock."""
-    with locked(agent.data):
+    """Recover what a crash left, then poll, under the data directory's lock (with
+    the journal re-read under it: a local verdict may have changed it since)."""
+    with agent.exclusive():
         agent.recover()
         return agent.poll()
 

@@ -14,7 +14,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from device_agent import _atomic
+from device_agent import _atomic, names
 from device_agent._crashpoint import crashpoint
 
 CURRENT = "current"
@@ -46,8 +46,25 @@ def make_read_only(root: Path) -> None:
         Path(dirpath).chmod(0o555)
 
 
-def remove_tree(root: Path) -> None:
-    """Remove a (possibly read-only) tree; nothing when it is gone already."""
+class UnsafeDeletionError(ValueError):
+    """A deletion named a path outside the folder it was meant to stay in."""
+
+
+def _check_inside(path: Path, inside: Path) -> None:
+    # The parent is resolved, the last component is not: a symlink is removed, never followed.
+    real = Path(os.path.realpath(path.parent)) / path.name
+    base = Path(os.path.realpath(inside))
+    if path.name in ("", ".", "..") or real == base or not real.is_relative_to(base):
+        raise UnsafeDeletionError(f"refusing to delete {path}: it is not inside {inside}")
+
+
+def remove_tree(root: Path, *, inside: Path) -> None:
+    """Remove a (possibly read-only) tree inside ``inside``; nothing when it is gone already.
+
+    Every deletion names the folder it must stay in, and a path that does not
+    resolve strictly inside it is refused, whatever name built it.
+    """
+    _check_inside(root, inside)
     if not root.exists() and not root.is_symlink():
         return
     if root.is_symlink() or root.is_file():
@@ -57,21 +74,34 @@ def remove_tree(root: Path) -> None:
     shutil.rmtree(root)
 
 
+def _folder_name(revision: str) -> str:
+    # Names on disk may predate a rule, so only what would leave the folder is refused.
+    if revision in ("", ".", "..") or "/" in revision or "\0" in revision:
+        raise UnsafeDeletionError(f"{revision!r} is not a revision folder name")
+    return revision
+
+
 class Slots:
     """The installed revisions of one model."""
 
     def __init__(self, data_dir: Path, name: str) -> None:
-        self.name = name
+        self.name = names.model(name)
+        self.data_dir = data_dir
         self.root = data_dir / "models" / name
         self.staging_root = data_dir / "staging" / name
 
     def revision_dir(self, revision: str) -> Path:
-        """Where a revision lives."""
-        return self.root / revision
+        """Where a revision lives (``revision`` must be one folder name)."""
+        return self.root / _folder_name(revision)
 
     def staging_dir(self, revision: str) -> Path:
         """Where a revision is unpacked and checked before it is installed."""
-        return self.staging_root / revision
+        return self.staging_root / _folder_name(revision)
+
+    def remove_staging(self, revision: str | None = None) -> None:
+        """Remove one staged revision, or the model's whole staging area."""
+        path = self.staging_root if revision is None else self.staging_dir(revision)
+        remove_tree(path, inside=self.data_dir / "staging")
 
     def current(self) -> str | None:
         """The active revision, or ``None`` on a device that never had one."""
@@ -96,7 +126,7 @@ class Slots:
         dest = self.revision_dir(revision)
         self.root.mkdir(parents=True, exist_ok=True)
         if dest.exists():
-            remove_tree(dest)
+            remove_tree(dest, inside=self.root)
         make_read_only(staged)
         # staging/ and models/ share the data directory, so this is a rename, not a copy.
         staged.chmod(0o700)  # renaming a folder needs write access to it
@@ -121,14 +151,14 @@ class Slots:
         """Delete a revision; refuses to delete the active one."""
         if revision == self.current():
             raise ValueError(f"refusing to remove the active revision {revision} of {self.name}")
-        remove_tree(self.revision_dir(revision))
+        remove_tree(self.revision_dir(revision), inside=self.root)
 
     def clean_temporaries(self) -> None:
         """Remove a left-over temporary symlink and the staging area."""
         tmp = self.root / _TMP_LINK
         if tmp.is_symlink():
             tmp.unlink()
-        remove_tree(self.staging_root)
+        self.remove_staging()
 
     def is_regular_tree(self, revision: str) -> bool:
         """True when every entry of the revision is a plain file or folder."""

@@ -53,7 +53,7 @@ class Bench:
         data = self.root / name / "data"
         watch = self.root / name / "watch"
         if data.parent.exists():
-            remove_tree(data.parent)
+            remove_tree(data.parent, inside=self.root)
         source = self.root / "fresh" if never_installed else self.baseline
         shutil.copytree(source, data, symlinks=True)
         for sub in ("cwd", "tmp", "home"):
