@@ -28,12 +28,16 @@ TUF_DIR = "tuf"
 DOWNLOADS_DIR = "downloads"
 
 
-def pin_root(data_dir: Path, root_bytes: bytes) -> None:
-    """Store the trusted root given at enrolment (checked to parse as TUF root metadata)."""
+def pin_root(data_dir: Path, root_bytes: bytes, *, metadata_dir: Path | None = None) -> None:
+    """Store the trusted root given at enrolment (checked to parse as TUF root metadata).
+
+    It goes to ``DATA/tuf/`` unless ``metadata_dir`` names another place (the
+    conformance CLI keeps metadata where the test suite reads it).
+    """
     md = Metadata[Root].from_bytes(root_bytes)
     if not isinstance(md.signed, Root):
         raise exceptions.RepositoryError("the given root file is not TUF root metadata")
-    tuf_dir = data_dir / TUF_DIR
+    tuf_dir = metadata_dir if metadata_dir is not None else data_dir / TUF_DIR
     tuf_dir.mkdir(parents=True, exist_ok=True)
     link = tuf_dir / "root.json"
     if link.is_symlink():
@@ -42,12 +46,18 @@ def pin_root(data_dir: Path, root_bytes: bytes) -> None:
 
 
 class TufClient:
-    """One poll's view of the repository (ngclient refreshes once per ``Updater``)."""
+    """One poll's view of the repository (ngclient refreshes once per ``Updater``).
 
-    def __init__(self, config: AgentConfig, fetcher: AgentFetcher) -> None:
+    ``metadata_dir`` replaces ``DATA/tuf/`` as the home of trusted metadata
+    (see :func:`pin_root`); everything else stays under ``DATA``.
+    """
+
+    def __init__(
+        self, config: AgentConfig, fetcher: AgentFetcher, *, metadata_dir: Path | None = None
+    ) -> None:
         self.config = config
         self.fetcher = fetcher
-        self.metadata_dir = config.data_dir / TUF_DIR
+        self.metadata_dir = metadata_dir if metadata_dir is not None else config.data_dir / TUF_DIR
         self.targets_cache = self.metadata_dir / "targets"
         self.downloads = config.data_dir / DOWNLOADS_DIR
         self.updater = Updater(
@@ -104,8 +114,14 @@ class TufClient:
         The partial file is ``DATA/downloads/<sha256>.part``; only after its
         length and every TUF hash match is it renamed to ``<sha256>.epk``. A
         mismatch deletes the partial file (the next attempt starts over).
+        A target without a sha256 is refused (a ``RepositoryError``, not a
+        ``KeyError``): the agent names and records bundles by their sha256.
         """
-        sha256 = info.hashes["sha256"]
+        sha256 = info.hashes.get("sha256")
+        if sha256 is None:
+            raise exceptions.RepositoryError(
+                f"{info.path} has no sha256 in TUF metadata (bundles are named by it)"
+            )
         final = self.bundle_path(sha256)
         if final.exists():
             return final

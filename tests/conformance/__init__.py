@@ -1,0 +1,1 @@
+"""Conformance of the agent's TUF client to the tuf-conformance client protocol."""
