@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck unit services bench clean
+.PHONY: demo test lint typecheck unit services bench fuzz clean
 
 $(VENV)/.stamp-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ test: lint typecheck unit
 
 bench: $(VENV)/.stamp-dev
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# Coverage-guided fuzzing of every parser of untrusted bytes (docs/fuzzing.md), one
+# target after another; the growing corpora and any crash artifacts stay in .fuzz/.
+FUZZ_SECONDS ?= 600
+fuzz: $(VENV)/.stamp-dev
+	$(PY) -m tests.fuzz.run --seconds $(FUZZ_SECONDS) --out .fuzz
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
