@@ -10,6 +10,7 @@ sizes, followed by zero blocks and nothing else.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -18,6 +19,7 @@ from edgepack.errors import BundleFormatError
 BLOCK = 512
 _USTAR_MAGIC = b"ustar\x0000"
 _MAX_OCTAL_SIZE = 0o77777777777
+_OCTAL_DIGITS = re.compile(rb"[0-7]+")
 _REGULAR = (b"0", b"\x00")
 _TYPE_NAMES = {
     b"1": "a hard link",
@@ -90,10 +92,11 @@ def _parse_number(field: bytes, what: str) -> int:
     text = field.rstrip(b"\x00 ").lstrip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise BundleFormatError(f"corrupt container header: bad {what} field") from None
+    # Octal digits only: int() would also take a sign, underscores and inner spaces,
+    # so "-1" would give a member of negative size.
+    if not _OCTAL_DIGITS.fullmatch(text):
+        raise BundleFormatError(f"corrupt container header: bad {what} field")
+    return int(text, 8)
 
 
 def check_member_name(name: str) -> None:
