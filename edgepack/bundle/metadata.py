@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,9 +51,52 @@ class Limits:
     max_path_length: int = 255
     min_segment_size: int = 4 * 1024
     max_segment_size: int = 16 * 1024 * 1024
+    max_json_depth: int = 64
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to infinity
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def load_json(data: bytes, what: str, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Parse strict JSON metadata: UTF-8, finite numbers, Unicode strings, bounded nesting.
+
+    Python's ``json`` also accepts NaN and Infinity, numbers that overflow to
+    infinity and escaped lone surrogates (text no UTF-8 writer can write back);
+    a bundle's canonical JSON holds none of these, so a document that does is
+    refused here with one clear error instead of failing later.
+    """
+    try:
+        doc = json.loads(
+            data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # ValueError: JSONDecodeError, NaN/Infinity, integers over Python's digit limit.
+        raise BundleFormatError(f"{what} is not valid JSON") from None
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limits.max_json_depth:
+                raise BundleFormatError(f"{what} is nested too deeply")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BundleFormatError(f"{what} holds text that is not Unicode") from None
+    return doc
 
 
 def canonical_json(document: Mapping[str, Any]) -> bytes:
@@ -172,10 +216,7 @@ def parse_bundle_json(
     data: bytes, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[dict[str, Any], list[PayloadFile]]:
     """Parse and validate ``meta/bundle.json``; return the document and its manifest."""
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleFormatError("meta/bundle.json is not valid JSON") from None
+    doc = load_json(data, META_BUNDLE, limits)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BundleFormatError("meta/bundle.json is not edgepack bundle metadata")
     version = doc.get("format_version")
@@ -234,10 +275,7 @@ class EncryptionHeader:
 
 def parse_encryption_json(data: bytes, limits: Limits = DEFAULT_LIMITS) -> EncryptionHeader:
     """Parse and validate ``meta/encryption.json``."""
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BundleFormatError("meta/encryption.json is not valid JSON") from None
+    doc = load_json(data, META_ENCRYPTION, limits)
     if not isinstance(doc, dict) or doc.get("format_version") != 1:
         raise BundleFormatError("meta/encryption.json has an unsupported version")
     if doc.get("scheme") != STREAM_SUITE_NAME or doc.get("kem") != HPKE_SUITE_NAME:
