@@ -341,7 +341,8 @@ def parse_channel(data: bytes) -> ChannelDocument:
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constant,
         )
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: arrays or objects nested past the interpreter's stack.
         raise InvalidInputError(f"channel document is not valid JSON: {exc}") from None
     top = _object(raw, "channel document")
     _keys(
