@@ -75,6 +75,7 @@ _ARM_PARTS = {
 # server is about 300 KiB; the other files are one line.
 _MAX_CPUINFO = 4 * 1024 * 1024
 _MAX_SMALL = 64 * 1024
+_MAX_MEMTOTAL_DIGITS = 20  # kB; 2**64 bytes has 20 digits
 
 
 class HardwareMismatchError(InvalidInputError):
@@ -415,7 +416,9 @@ def _memtotal_kb(meminfo: str) -> int | None:
         key, _, value = line.partition(":")
         if key.strip() == "MemTotal":
             number = value.split()[0] if value.split() else ""
-            return int(number) if number.isdigit() else None
+            # isdigit() alone admits digits int() refuses ("²") and numbers past its digit limit.
+            ok = number.isascii() and number.isdigit() and len(number) <= _MAX_MEMTOTAL_DIGITS
+            return int(number) if ok else None
     return None
 
 

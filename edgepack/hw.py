@@ -213,7 +213,9 @@ def load_profile_file(path: Path | str) -> HardwareProfile:
         )
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: TOMLDecodeError, and integers over Python's digit limit;
+        # RecursionError: arrays or inline tables nested past the interpreter's stack.
         raise InvalidInputError(f"hardware profile {path} is not valid TOML: {exc}") from exc
     profile = _parse(data, str(path))
     if profile.name != path.stem:
