@@ -11,12 +11,14 @@ the journal). Everything in this module is pure bookkeeping except
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from device_agent import _atomic
 from device_agent._crashpoint import crashpoint
@@ -134,20 +136,110 @@ class ModelJournal:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelJournal:
-        """Inverse of :meth:`to_json`."""
-        update = data.get("update")
+    def from_json(cls, data: object, where: str = "journal") -> ModelJournal:
+        """Inverse of :meth:`to_json`; :class:`JournalError` for anything it would not write."""
+        obj = _object(data, where)
+        _only(obj, {f.name for f in dataclasses.fields(cls)}, where)
+        try:
+            state = State(obj.get("state", "idle"))
+        except ValueError:
+            raise JournalError(f"{where}: unknown state {obj.get('state')!r}") from None
+        update = obj.get("update")
+        confirm = obj.get("confirm")
+        revisions = _object(obj.get("revisions", {}), f"{where}.revisions")
         return cls(
-            state=State(data.get("state", "idle")),
-            update=Update(**update) if update else None,
-            revisions={k: Revision(**v) for k, v in data.get("revisions", {}).items()},
-            failed=dict(data.get("failed", {})),
-            failed_bundles=dict(data.get("failed_bundles", {})),
-            revoked=list(data.get("revoked", [])),
-            channel_sequence=int(data.get("channel_sequence", 0)),
-            confirm=data.get("confirm"),
-            entered_at=float(data.get("entered_at", 0.0)),
+            state=state,
+            update=None if update is None else _record(Update, update, f"{where}.update"),
+            revisions={
+                k: _record(Revision, v, f"{where}.revisions.{k}") for k, v in revisions.items()
+            },
+            failed=_strings(obj.get("failed", {}), f"{where}.failed"),
+            failed_bundles=_strings(obj.get("failed_bundles", {}), f"{where}.failed_bundles"),
+            revoked=_string_list(obj.get("revoked", []), f"{where}.revoked"),
+            channel_sequence=_typed(
+                obj.get("channel_sequence", 0), "int", f"{where}.channel_sequence"
+            ),
+            confirm=None if confirm is None else _confirm(confirm, f"{where}.confirm"),
+            entered_at=_typed(obj.get("entered_at", 0.0), "float", f"{where}.entered_at"),
         )
+
+
+class JournalError(AgentError):
+    """``DATA/state.json`` is not a journal this agent wrote: torn, truncated or edited."""
+
+    exit_code = 3
+
+
+# The types a journal record's fields may hold, by their annotation (kept as text).
+_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
+_R = TypeVar("_R", Update, Revision)
+
+
+def _object(raw: object, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise JournalError(f"{where} must be a JSON object")
+    return raw
+
+
+def _only(obj: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = obj.keys() - known
+    if unknown:
+        raise JournalError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}")
+
+
+def _typed(value: Any, kind: str, where: str) -> Any:
+    kinds = _KINDS[kind]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kind != "bool"):
+        raise JournalError(f"{where} has the wrong type ({type(value).__name__})")
+    if kind == "float":
+        number = float(cast(float, value))
+        if not math.isfinite(number):
+            raise JournalError(f"{where} is not a finite number")
+        return number
+    return value
+
+
+def _record(cls: type[_R], raw: object, where: str) -> _R:
+    obj = _object(raw, where)
+    fields = dataclasses.fields(cls)
+    _only(obj, {f.name for f in fields}, where)
+    values: dict[str, Any] = {}
+    for f in fields:
+        if f.name in obj:
+            values[f.name] = _typed(obj[f.name], str(f.type), f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING:
+            raise JournalError(f"{where} lacks {f.name!r}")
+    return cls(**values)
+
+
+def _strings(raw: object, where: str) -> dict[str, str]:
+    obj = _object(raw, where)
+    if not all(isinstance(v, str) for v in obj.values()):
+        raise JournalError(f"{where} must map names to strings")
+    return dict(obj)
+
+
+def _string_list(raw: object, where: str) -> list[str]:
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise JournalError(f"{where} must be a list of strings")
+    return list(raw)
+
+
+def _confirm(raw: object, where: str) -> dict[str, Any]:
+    obj = _object(raw, where)
+    if obj.keys() != {"revision", "previous", "deadline"}:
+        raise JournalError(f"{where} must hold exactly revision, previous and deadline")
+    return {
+        "revision": _typed(obj["revision"], "str", f"{where}.revision"),
+        "previous": _typed(obj["previous"], "str | None", f"{where}.previous"),
+        "deadline": _typed(obj["deadline"], "float", f"{where}.deadline"),
+    }
 
 
 class IllegalTransitionError(AgentError):
@@ -166,10 +258,25 @@ class Journal:
     def load(cls, data_dir: Path) -> Journal:
         """Read ``DATA/state.json`` (an empty journal when there is none)."""
         path = data_dir / JOURNAL_NAME
-        raw = _atomic.read_json(path)
+        try:
+            raw = _atomic.read_json(path)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise JournalError(
+                f"{path} is not valid JSON (torn by the storage or edited by hand)",
+                hint="restore it from a backup, or move it aside to start from an empty journal",
+            ) from None
         if raw is None:
             return cls(path)
-        models = {k: ModelJournal.from_json(v) for k, v in raw.get("models", {}).items()}
+        top = _object(raw, str(path))
+        _only(top, {"format", "models"}, str(path))
+        if top.get("format", JOURNAL_FORMAT) != JOURNAL_FORMAT or isinstance(
+            top.get("format"), bool
+        ):
+            raise JournalError(f"{path} has an unsupported format {top.get('format')!r}")
+        raw_models = _object(top.get("models", {}), f"{path} models")
+        models = {
+            k: ModelJournal.from_json(v, f"{path} model {k!r}") for k, v in raw_models.items()
+        }
         return cls(path, models)
 
     def model(self, name: str) -> ModelJournal:
