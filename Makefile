@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck unit services bench fuzz clean
+.PHONY: demo test lint typecheck unit services bench fuzz conformance clean
 
 $(VENV)/.stamp-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ bench: $(VENV)/.stamp-dev
 FUZZ_SECONDS ?= 600
 fuzz: $(VENV)/.stamp-dev
 	$(PY) -m tests.fuzz.run --seconds $(FUZZ_SECONDS) --out .fuzz
+
+# theupdateframework's tuf-conformance suite (not vendored) against the agent's TUF
+# client, through tests/conformance/agent_client.py; needs a checkout and faketime:
+#   make conformance TUF_CONFORMANCE_DIR=/path/to/tuf-conformance [CONFORMANCE_ARGS=-x]
+conformance:
+	@test -n "$(TUF_CONFORMANCE_DIR)" || { echo "make conformance: set TUF_CONFORMANCE_DIR to a tuf-conformance checkout (see docs/threat-model.md)" >&2; exit 1; }
+	@$(MAKE) --no-print-directory $(VENV)/.stamp-dev
+	cd "$(TUF_CONFORMANCE_DIR)" && "$(CURDIR)/$(VENV)/bin/pytest" tuf_conformance -p no:cacheprovider \
+		--entrypoint "$(CURDIR)/$(PY) $(CURDIR)/tests/conformance/agent_client.py" $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
