@@ -375,12 +375,14 @@ class Agent:
         )
         slots.install(staged, update.revision)
         self.journal.enter(name, State.HEALTH_CHECKING)
-        health.check_revision(
+        health.check_revision_isolated(
             slots.revision_dir(update.revision),
             model_rel,
             binfo.metadata.get("health"),
             latency_runs=self.config.limits.health_latency_runs,
             budgets=self._profile_budgets(),
+            timeout_s=self.config.limits.health_timeout_s,
+            memory_mb=self.config.limits.health_memory_mb,
         )
         mj.revisions[update.revision].healthy = True
         self.journal.enter(name, State.SWITCHING)

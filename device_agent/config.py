@@ -50,6 +50,10 @@ class Limits:
     keep_revisions: int = 2
     confirm_window_s: float = 0.0  # 0: no confirmation window
     health_latency_runs: int = 5
+    # The health check runs in a child process: wall-clock limit, and address-space cap
+    # (RLIMIT_AS, MiB; 0: none beyond the machine's) so a hostile model cannot exhaust it.
+    health_timeout_s: float = 300.0
+    health_memory_mb: int = 0
 
 
 @dataclass

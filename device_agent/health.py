@@ -10,6 +10,7 @@ growth while loading and running. Health checks are data, never code.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -126,3 +127,112 @@ def check_revision(
     if failures:
         raise HealthCheckError("health check failed: " + "; ".join(failures[:3]))
     return report
+
+
+# -- the check in a child process ------------------------------------------------------
+# A validly signed model can still be hostile to the process that runs it: a custom op,
+# a runtime error deep in a kernel, a tensor of terabytes, a loop that never ends. The
+# check therefore runs in a child with an address-space and a time limit; whatever goes
+# wrong there — an exception, a crash, the limit — is this release's health-check
+# failure with its cause, and the agent itself keeps running.
+
+_CHILD = "device_agent.health"
+_RESULT_PREFIX = "edgepack-health-result "
+
+
+def check_revision_isolated(
+    revision_dir: Path,
+    model_relpath: str,
+    health: dict[str, Any] | None,
+    *,
+    latency_runs: int = 5,
+    budgets: dict[str, float] | None = None,
+    timeout_s: float = 300.0,
+    memory_mb: int = 0,
+) -> HealthReport:
+    """:func:`check_revision` in a child process, bounded by ``timeout_s`` and ``memory_mb``.
+
+    ``memory_mb`` caps the child's address space (``RLIMIT_AS``; 0: no cap beyond
+    the machine's). Raises :class:`HealthCheckError` for every way the check can
+    fail, the cause in its message.
+    """
+    import json
+    import subprocess
+    import sys
+
+    request = {
+        "revision_dir": str(revision_dir),
+        "model_relpath": model_relpath,
+        "health": health,
+        "latency_runs": latency_runs,
+        "budgets": budgets,
+        "memory_mb": memory_mb,
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", _CHILD],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise HealthCheckError(
+            f"health check failed: the model did not finish its health check in {timeout_s:g} s"
+        ) from None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_PREFIX):
+            result = json.loads(line[len(_RESULT_PREFIX) :])
+            if result.get("error"):
+                raise HealthCheckError(str(result["error"]))
+            return HealthReport(**result["report"])
+    if proc.returncode < 0:
+        import signal
+
+        name = signal.Signals(-proc.returncode).name
+        why = f"the process running the model was killed by {name}"
+    else:
+        why = f"the process running the model exited {proc.returncode}"
+    tail = proc.stderr.strip().splitlines()[-1:] or [""]
+    raise HealthCheckError(
+        f"health check failed: {why}" + (f" ({tail[0][:300]})" if tail[0] else "")
+    )
+
+
+def _child_main() -> None:
+    """Run one check from a JSON request on stdin; print the result as one line."""
+    import json
+    import sys
+
+    request = json.loads(sys.stdin.read())
+    memory_mb = int(request.get("memory_mb") or 0)
+    if memory_mb > 0:
+        cap = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    result: dict[str, Any]
+    try:
+        report = check_revision(
+            Path(request["revision_dir"]),
+            str(request["model_relpath"]),
+            request.get("health"),
+            latency_runs=int(request.get("latency_runs", 5)),
+            budgets=request.get("budgets"),
+        )
+        result = {"report": dataclasses.asdict(report)}
+    except HealthCheckError as exc:
+        result = {"error": str(exc)}
+    except MemoryError:
+        result = {"error": f"health check failed: the model needs more than {memory_mb} MB"}
+    except Exception as exc:  # the model failed to load or run: that is its verdict
+        detail = " ".join(str(exc).split())[:500]
+        result = {
+            "error": f"health check failed: the model cannot be loaded or run here "
+            f"({type(exc).__name__}: {detail})"
+        }
+    sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _child_main()
