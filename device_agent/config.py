@@ -38,6 +38,8 @@ class Limits:
     max_channel_bytes: int = 256 * 1024
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
+    # Connect, send and receive the whole response head within this (0: no deadline).
+    response_timeout_s: float = 60.0
     # Slow-retrieval defence: after the grace period the average speed must stay above this.
     min_speed_bps: int = 4096
     slow_grace_s: float = 10.0

@@ -15,7 +15,9 @@ import contextlib
 import hashlib
 import http.client
 import os
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,7 +82,22 @@ class AgentFetcher(FetcherInterface):
         headers = {"User-Agent": USER_AGENT}
         if offset:
             headers["Range"] = f"bytes={offset}-"
+        # One deadline for connecting and receiving the whole response head: the
+        # per-receive timeout alone lets a server drip header bytes for ever.
+        deadline = self.limits.response_timeout_s
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            with contextlib.suppress(OSError):
+                if conn.sock is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(deadline, cut) if deadline > 0 else None
         try:
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             conn.connect()
             if conn.sock is not None:
                 conn.sock.settimeout(self.limits.read_timeout_s)
@@ -88,7 +105,19 @@ class AgentFetcher(FetcherInterface):
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            if expired.is_set():
+                raise exceptions.SlowRetrievalError(
+                    f"{url}: no complete response within {deadline:g} s"
+                ) from None
             raise exceptions.DownloadError(f"cannot reach {url}: {exc}") from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if expired.is_set():
+            conn.close()
+            raise exceptions.SlowRetrievalError(
+                f"{url}: no complete response within {deadline:g} s"
+            )
         if resp.status == 206 and offset:
             start = offset
         elif resp.status == 200:

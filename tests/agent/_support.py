@@ -82,6 +82,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if fault == "hang":
             time.sleep(srv.hang_s)
             return
+        if fault == "drip-headers":  # each byte well within a read timeout, the head never ends
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            deadline = time.monotonic() + srv.hang_s
+            while time.monotonic() < deadline:
+                try:
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.1)
+            return
         rel = self.path.split("?", 1)[0].lstrip("/")
         path = srv.root / rel
         if not path.is_file():

@@ -431,3 +431,24 @@ def test_bundle_for_another_architecture_is_refused(world: World, data: Path) ->
     out = poll(data)
     assert out.action == "failed" and f"built for {other}" in str(out.error)
     assert current(data) is None
+
+
+def test_a_server_dripping_its_headers_hits_the_response_deadline(
+    world: World, tmp_path: Path
+) -> None:
+    """Each header byte arrives well within the read timeout, the head never ends."""
+    d = tmp_path / "dev"
+    world.enroll(d, fast_limits(read_timeout_s=1.0, response_timeout_s=2.0))
+    world.publish("1.0.0", 2.0)
+    assert poll(d).action == "installed"
+    world.server.fault, world.server.fault_match, world.server.hang_s = (
+        "drip-headers",
+        "timestamp.json",
+        30.0,
+    )
+    start = time.monotonic()
+    out = poll(d)
+    assert time.monotonic() - start < 10, "the poll waited on a dripping server"
+    assert out.action == "kept" and not out.checked and "within 2 s" in str(out.error)
+    assert status.load(d)["stale"] is True
+    assert current(d) is not None
