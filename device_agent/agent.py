@@ -364,6 +364,11 @@ class Agent:
                 f"{info.path} is built for {', '.join(sorted(arches))}, "
                 f"this device is {self.device.architecture}"
             )
+        if not selection.profile_fits(binfo.profile, self.device):
+            raise _ReleaseFailedError(
+                f"{info.path} is built for the {binfo.profile} profile, this device is "
+                f"{self.device.profile or 'of no known profile'}"
+            )
         needed = str(binfo.metadata.get("min_agent_version", "0"))
         if _version_tuple(needed) > _version_tuple(__version__):
             raise _ReleaseFailedError(f"needs edgepack-agent >= {needed} (this is {__version__})")

@@ -94,3 +94,17 @@ def select(doc: ChannelDocument, device: Device) -> Selection:
         architecture=device.architecture,
         cohort=device.cohort,
     )
+
+
+def profile_fits(bundle_profile: str | None, device: Device) -> bool:
+    """Whether a bundle built for ``bundle_profile`` may run on ``device``.
+
+    A bundle for no profile (``any``) or for the generic profile of the device's
+    architecture runs anywhere on it; a bundle for a named board only on that
+    board. The channel's variant key is the operator's word, the bundle's own
+    signed profile is the producer's: both must agree, so a mis-pointed variant
+    (an intel-nuc build, with its VNNI-only weights, under generic-x86_64) is refused.
+    """
+    if bundle_profile in (None, "", "any", f"generic-{device.architecture}"):
+        return True
+    return bundle_profile == device.profile

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from device_agent import enroll
+from device_agent import config, enroll, loop
+from device_agent.agent import Agent
 from device_agent.config import AgentConfig
-from device_agent.selection import Device
+from device_agent.selection import Device, machine_architecture
 from device_agent.slots import Slots
 from edgepack import bundle, keys, repo
 from edgepack.signing import ProducerKeySigner
-from tests.agent._support import MODEL, fast_limits, make_model_dir
+from tests.agent._support import MODEL, World, fast_limits, make_model_dir
 from tests.agent.conftest import poll
 
 PROFILES = {"intel-nuc": "x86_64", "raspberry-pi-4": "aarch64"}
@@ -156,3 +157,45 @@ def test_two_models_are_independent(fleet: Fleet, tmp_path: Path) -> None:
     assert outcomes[MODEL].action == "installed"
     assert outcomes[other].action == "failed" and "health check" in str(outcomes[other].error)
     assert Slots(data, MODEL).current() is not None and Slots(data, other).current() is None
+
+
+def test_a_variant_pointed_at_another_profile_s_bundle_is_refused(
+    world: World, tmp_path: Path
+) -> None:
+    """The operator's channel puts the intel-nuc build under generic-x86_64 (or the
+    Pi 4 build under generic-aarch64): the bundle's signed profile decides."""
+    from edgepack import channel as ch
+
+    arch = machine_architecture()
+    specific = {"x86_64": "intel-nuc", "aarch64": "raspberry-pi-4"}[arch]
+    src = world.base / "src-specific"
+    health = make_model_dir(src, 2.0)
+    path = bundle.pack(
+        src,
+        world.base / "bundles",
+        name=MODEL,
+        version="1.0.0",
+        recipients=[world.fleet_key.public_key()],
+        signer=ProducerKeySigner(world.producer_key),
+        profile=specific,
+        architectures=[arch],
+        health=health,
+    ).path
+    target = world.repo.add_bundle(path, "1.0.0")
+    generic = f"generic-{arch}"
+    variants = {generic: ch.Variant(target, arch)}
+    world.repo.set_channel(ch.promote(world.repo.doc, ch.Release("1.0.0", 100.0, (), variants)))
+    data = tmp_path / "dev"
+    enroll.enroll(
+        data,
+        repo_url=world.server.url,
+        root=world.root_json,
+        models=[MODEL],
+        profile=generic,
+        trust=world.producer_pub,
+        recipient_key=world.fleet_key_path,
+        limits=fast_limits(),
+    )
+    out = loop.poll_once(Agent(config.load(data)))[0]
+    assert out.action == "failed" and f"built for the {specific} profile" in str(out.error)
+    assert Slots(data, MODEL).current() is None
