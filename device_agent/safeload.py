@@ -24,7 +24,7 @@ from device_agent.errors import UnsafeModelError
 _MODEL_GRAPH, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 20, 25
 _TRAINING_INIT, _TRAINING_ALGO = 1, 2
 _GRAPH_NODE, _GRAPH_INIT, _GRAPH_SPARSE_INIT = 1, 5, 15
-_FUNCTION_NODE = 7
+_FUNCTION_NODE, _FUNCTION_ATTRIBUTE_PROTO = 7, 11
 _NODE_ATTRIBUTE = 5
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS = 5, 6, 10, 11
 _ATTR_SPARSE, _ATTR_SPARSES = 22, 23
@@ -103,17 +103,20 @@ def _sparse_locations(buf: memoryview, start: int, end: int) -> Iterator[str]:
             yield from _tensor_locations(buf, s, e)
 
 
+def _attribute_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterator[str]:
+    for an, as_, ae in _fields(buf, start, end):
+        if an in (_ATTR_T, _ATTR_TENSORS):
+            yield from _tensor_locations(buf, as_, ae)
+        elif an in (_ATTR_SPARSE, _ATTR_SPARSES):
+            yield from _sparse_locations(buf, as_, ae)
+        elif an in (_ATTR_G, _ATTR_GRAPHS):
+            yield from _graph_locations(buf, as_, ae, depth + 1)
+
+
 def _node_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterator[str]:
     for number, s, e in _fields(buf, start, end):
-        if number != _NODE_ATTRIBUTE:
-            continue
-        for an, as_, ae in _fields(buf, s, e):
-            if an in (_ATTR_T, _ATTR_TENSORS):
-                yield from _tensor_locations(buf, as_, ae)
-            elif an in (_ATTR_SPARSE, _ATTR_SPARSES):
-                yield from _sparse_locations(buf, as_, ae)
-            elif an in (_ATTR_G, _ATTR_GRAPHS):
-                yield from _graph_locations(buf, as_, ae, depth + 1)
+        if number == _NODE_ATTRIBUTE:
+            yield from _attribute_locations(buf, s, e, depth)
 
 
 def external_data_locations(model_path: Path) -> list[str]:
@@ -133,6 +136,8 @@ def external_data_locations(model_path: Path) -> list[str]:
                         for fn, fs, fe in _fields(buf, s, e):
                             if fn == _FUNCTION_NODE:
                                 found.extend(_node_locations(buf, fs, fe, 0))
+                            elif fn == _FUNCTION_ATTRIBUTE_PROTO:  # default values, read too
+                                found.extend(_attribute_locations(buf, fs, fe, 0))
                     elif number == _MODEL_TRAINING:
                         for tn, ts, te in _fields(buf, s, e):
                             if tn in (_TRAINING_INIT, _TRAINING_ALGO):

@@ -137,3 +137,27 @@ def test_not_onnx_is_refused(tmp_path: Path) -> None:
     (rev / "model.onnx").write_bytes(b"\x0a\xff\xff\xff\xff\x0f not protobuf")
     with pytest.raises(UnsafeModelError):
         safeload.check_model(rev, "model.onnx")
+
+
+def test_locations_in_function_attribute_defaults_are_found(tmp_path: Path) -> None:
+    """A local function's default attribute value (FunctionProto.attribute_proto) is a
+    tensor onnxruntime reads, external data included."""
+    rev = tmp_path / "rev"
+    model = _model_with_external("/etc/hostname", constant_node=True)
+    const = model.graph.node[0]
+    default = helper.make_attribute("value", const.attribute[0].t)
+    function = helper.make_function(
+        "com.example",
+        "Weights",
+        inputs=[],
+        outputs=["W"],
+        nodes=[helper.make_node("Constant", [], ["W"], value_float=1.0)],
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    function.attribute_proto.append(default)
+    del model.graph.node[0]
+    model.functions.append(function)
+    _write(rev, model)
+    assert safeload.external_data_locations(rev / "model.onnx") == ["/etc/hostname"]
+    with pytest.raises(UnsafeModelError, match="absolute"):
+        safeload.check_model(rev, "model.onnx")
