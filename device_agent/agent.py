@@ -35,7 +35,7 @@ from device_agent.fetcher import AgentFetcher
 from device_agent.slots import Slots
 from device_agent.state import RECOVERY, Journal, Recovery, Revision, State, Update
 from device_agent.tufclient import TufClient
-from edgepack import bundle
+from edgepack import bundle, versions
 from edgepack._version import __version__
 from edgepack.channel import channel_target_path
 from edgepack.errors import ConflictError, EdgepackError, InvalidInputError, VerificationError
@@ -95,14 +95,6 @@ def describe_outcome(outcome: Mapping[str, Any]) -> str:
 
 class _ReleaseFailedError(Exception):
     """This release cannot run here (bad bundle, unsafe model, unhealthy)."""
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    out = []
-    for part in version.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
 
 
 @contextlib.contextmanager
@@ -370,7 +362,11 @@ class Agent:
                 f"{self.device.profile or 'of no known profile'}"
             )
         needed = str(binfo.metadata.get("min_agent_version", "0"))
-        if _version_tuple(needed) > _version_tuple(__version__):
+        try:
+            new_enough = versions.at_least(__version__, needed)
+        except InvalidInputError as exc:
+            raise _ReleaseFailedError(exc.diagnostics()) from None
+        if not new_enough:
             raise _ReleaseFailedError(f"needs edgepack-agent >= {needed} (this is {__version__})")
         model_rel = str((binfo.metadata.get("model") or {}).get("path", "model.onnx"))
         self.journal.enter(name, State.STAGING)

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 
+from edgepack import versions
 from edgepack._version import __version__
 from edgepack.bundle import _container
 from edgepack.bundle._pieces import hash_pieces
@@ -176,6 +177,7 @@ def pack(
 
     check_name(name)
     check_version(version)
+    versions.parse(min_agent_version, "min_agent_version")  # the agent compares by PEP 440
     if profile is not None:
         check_profile(profile)
     arches = sorted(set(architectures)) or ["any"]
