@@ -250,6 +250,11 @@ def _copy_onnx(path: Path, out_dir: Path) -> Converted:
             )
         if not source.is_file():
             raise InvalidInputError(f"{path.name}: external data file {location!r} is missing")
+        if (folder / location).lstat().st_nlink > 1:
+            # A hard link's other name may be any file on the machine: never copy one in.
+            raise InvalidInputError(
+                f"{path.name}: external data file {location!r} is a hard link; copy the file instead"
+            )
         copy = out_dir / location
         copy.parent.mkdir(parents=True, exist_ok=True)
         if source not in files:

@@ -96,6 +96,10 @@ def collect_payload(model_dir: Path) -> list[_SourceFile]:
                 raise InvalidInputError(
                     f"{full} is not a regular file (link or special file); remove it"
                 )
+            if info.st_nlink > 1:  # its other name may be any file: devices refuse these too
+                raise InvalidInputError(
+                    f"{full} is a hard link ({info.st_nlink} names); copy the file instead"
+                )
             rel = full.relative_to(model_dir).as_posix()
             try:
                 check_payload_path(rel)
@@ -105,7 +109,20 @@ def collect_payload(model_dir: Path) -> list[_SourceFile]:
     found.sort(key=lambda f: f.path)
     if not found:
         raise InvalidInputError(f"{model_dir} holds no files")
+    _check_models_as_devices_will(model_dir, [f.path for f in found if f.path.endswith(".onnx")])
     return found
+
+
+def _check_models_as_devices_will(model_dir: Path, models: Sequence[str]) -> None:
+    """Refuse, at pack time, external data every device would refuse (absolute, ``..``,
+    outside the folder): the agent's own check, so the two can never disagree."""
+    from device_agent.safeload import check_model
+
+    for rel in models:
+        try:
+            check_model(model_dir, rel)
+        except EdgepackError as exc:
+            raise InvalidInputError(f"cannot pack {rel}: {exc.message}") from None
 
 
 class _PayloadReader:
