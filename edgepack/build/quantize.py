@@ -167,14 +167,23 @@ class Evaluator:
     classifier: bool
     providers: Sequence[str]
     target: Target
+    # Quality from the exact int8 arithmetic of the device rather than this machine's kernels
+    # (see validate.open_session); False only for a device whose own kernels saturate.
+    exact_int8: bool = True
     trials: list[Trial] = field(default_factory=list)
+
+    def session(self, path: Path) -> Any:
+        """A session computing what the device computes, for measuring quality."""
+        return validate.open_session(path, self.providers, exact_int8=self.exact_int8)
 
     def evaluate(self, recipe: Recipe, path: Path) -> Trial:
         """Load and run a candidate, compare it with fp32, and remember the trial."""
-        session = validate.open_session(path, self.providers)
+        session = self.session(path)
         outputs = validate.run(session, self.validation.batches)
         parity = validate.parity(self.reference, outputs, self.validation.labels, self.classifier)
         metric = self.target.metric(self.reference, outputs) if self.target.metric else None
+        if self.exact_int8:  # speed is that of the real kernels
+            session = validate.open_session(path, self.providers)
         latency = validate.latency_ms(session, self.validation.batches[0], repeats=10, budget_s=0.5)
         trial = Trial(
             recipe,
@@ -187,6 +196,19 @@ class Evaluator:
         )
         self.trials.append(trial)
         return trial
+
+
+def device_int8_is_exact(
+    architecture: str, cpu_features: Sequence[str], reduce_range: bool
+) -> bool:
+    """Whether a device's int8 kernels compute the exact products ONNX defines.
+
+    ARM's kernels widen before adding and VNNI adds in int32; x86-64 without VNNI
+    adds pairs of u8×s8 products in saturating int16, unless reduced-range (7-bit)
+    weights keep every pair below the limit.
+    """
+    vnni = {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return architecture != "x86_64" or reduce_range or bool(vnni & set(cpu_features))
 
 
 class Quantizer:

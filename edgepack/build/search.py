@@ -143,7 +143,7 @@ def _sensitivity(
     losses: list[tuple[str, float]] = []
     for name in nodes:
         path = quantizer.apply(recipe, only=[name])
-        session = validate.open_session(path, evaluator.providers)
+        session = evaluator.session(path)
         outputs = validate.run(session, evaluator.validation.batches)
         parity = validate.parity(evaluator.reference, outputs, None, evaluator.classifier)
         losses.append((name, 1.0 - parity.mean_cosine + (parity.accuracy_drop or 0.0)))

@@ -5,6 +5,11 @@ model or the fp32 ONNX) batch by batch: max abs diff, mean and min cosine
 similarity per sample, top-1 agreement for classifiers and, with labels,
 accuracy. Cost is the median single-thread latency of one batch and the
 resident-memory growth while loading and running.
+
+Quality is measured with the exact integer arithmetic ONNX defines (``exact_int8``),
+not with whatever the build machine's int8 kernels do: on x86-64 with AVX2 but no
+VNNI, onnxruntime's u8×s8 kernel adds pairs of products in saturating int16
+(``vpmaddubsw``), an error the ARM and VNNI devices we build for never see.
 """
 
 from __future__ import annotations
@@ -96,8 +101,18 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def open_session(path: Path, providers: Sequence[str], threads: int = 1) -> Any:
+def open_session(
+    path: Path, providers: Sequence[str], threads: int = 1, *, exact_int8: bool = False
+) -> Any:
     """Load a model in onnxruntime on the given execution providers (those available here).
+
+    With ``exact_int8`` the session computes int8 products exactly, as the spec
+    defines them, whatever this machine's kernels do: ``MatMulInteger`` runs as a
+    float64 ``MatMul`` of the zero-point-shifted integers (exact: every partial sum
+    stays far below 2**53), and QDQ groups are not fused into ``QLinear*`` kernels,
+    so dequantised weights meet dequantised activations in a float ``MatMul``/``Conv``.
+    Fused contrib operators (``QAttention``, ``DynamicQuantizeLSTM``) keep their kernels.
+    Use it to measure quality; measure speed without it.
 
     A missing kernel becomes an :class:`UnsupportedOperatorError` naming the operator.
     """
@@ -109,8 +124,21 @@ def open_session(path: Path, providers: Sequence[str], threads: int = 1) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    source: str | bytes = str(path)
+    rewritten: Path | None = None
+    if exact_int8:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        model = onnx.load(str(path), load_external_data=False)
+        if _exact_integer_matmuls(model.graph):
+            if any(_is_external(t) for t in model.graph.initializer):
+                # External data resolves against the model's folder: write the copy beside it.
+                rewritten = path.with_name(f".exact-{path.name}")
+                onnx.save_model(model, str(rewritten))
+                source = str(rewritten)
+            else:
+                source = model.SerializeToString()
     try:
-        return ort.InferenceSession(str(path), options, providers=chosen)
+        return ort.InferenceSession(source, options, providers=chosen)
     except Exception as exc:
         text = " ".join(str(exc).split())
         match = re.search(r"implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
@@ -125,6 +153,53 @@ def open_session(path: Path, providers: Sequence[str], threads: int = 1) -> Any:
                 hint="replace the operator, or build for a profile whose runtime supports it",
             ) from exc
         raise InvalidInputError(f"onnxruntime cannot load the model: {text[:400]}") from exc
+    finally:
+        if rewritten is not None:
+            rewritten.unlink(missing_ok=True)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _exact_integer_matmuls(graph: onnx.GraphProto) -> int:
+    """Replace each ``MatMulInteger`` by its exact float64 equivalent; return how many.
+
+    ``Y = (A - a_zero_point) @ (B - b_zero_point)`` in int32. The zero points are
+    scalars or, for ``B``, one per output column (what ``quantize_dynamic`` writes),
+    which broadcast as they are.
+    """
+    double, int32 = onnx.TensorProto.DOUBLE, onnx.TensorProto.INT32
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type != "MatMulInteger" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        count += 1
+        stem = f"{node.name or node.output[0]}_exact"
+        shifted = []
+        for slot in (0, 1):
+            value, zero = (
+                node.input[slot],
+                node.input[slot + 2] if len(node.input) > slot + 2 else "",
+            )
+            as_double = f"{stem}_in{slot}"
+            nodes.append(onnx.helper.make_node("Cast", [value], [as_double], to=double))
+            if zero:
+                zero_double = f"{stem}_zp{slot}"
+                nodes.append(onnx.helper.make_node("Cast", [zero], [zero_double], to=double))
+                nodes.append(
+                    onnx.helper.make_node("Sub", [as_double, zero_double], [f"{as_double}_s"])
+                )
+                as_double = f"{as_double}_s"
+            shifted.append(as_double)
+        nodes.append(onnx.helper.make_node("MatMul", shifted, [f"{stem}_y"]))
+        nodes.append(onnx.helper.make_node("Cast", [f"{stem}_y"], [node.output[0]], to=int32))
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
 
 
 def run(session: Any, batches: Sequence[Feed]) -> Outputs:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgepack.build import api, build_variants, quantize
+from edgepack.build import api, build_variants, quantize, validate
 from edgepack.build.healthset import tolerances
 from edgepack.build.samples import TensorSpec, bind, read_raw
 from edgepack.build.sanitize import sanitize
@@ -53,6 +53,8 @@ def test_same_input_gives_the_same_model_directory(tmp_path: Path) -> None:
             (variant.model_info, variant.quantization, variant.provenance, variant.health)
         )
         assert variant.quantization["recipe"] == "dynamic"
+        # Exact int8 keeps this model at 0.99996 whatever the build machine's kernels do.
+        assert variant.quantization["quality"]["mean_cosine"] > 0.999
     assert metadata[0] == metadata[1]  # what goes into the bundle holds no timings
     for name in ("model.onnx", "health/golden.npz"):
         assert (dirs[0] / name).read_bytes() == (dirs[1] / name).read_bytes()
@@ -61,6 +63,48 @@ def test_same_input_gives_the_same_model_directory(tmp_path: Path) -> None:
             f"case{i}_{kind}0" for i in range(3) for kind in ("in", "out")
         )
         assert golden["case0_in0"].shape == (4, 16)  # each case an exact small batch
+    replay_health(dirs[0], metadata[0][3])  # device goldens, replayed on this machine's kernels
+
+
+def test_quality_is_measured_with_exact_int8_arithmetic(tmp_path: Path) -> None:
+    # AVX2 without VNNI adds u8×s8 product pairs in saturating int16: activations near 255
+    # times per-channel weights near ±127 overflow it. The device (ARM, VNNI) does not.
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = linear_model(tmp_path)
+    quantised = tmp_path / "q.onnx"
+    quantize_dynamic(str(model), str(quantised), per_channel=True, weight_type=QuantType.QInt8)
+    weights = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(str(quantised)).graph.initializer
+    }
+    w_int, w_scale = weights["W_quantized"].astype(np.int64), weights["W_scale"].astype(np.float64)
+    x = np.random.default_rng(2).standard_normal((24, 16)).astype(np.float32)
+    low, high = min(0.0, float(x.min())), max(0.0, float(x.max()))  # DynamicQuantizeLinear
+    x_scale = np.float32((high - low) / 255)
+    x_zero = int(np.clip(np.round(-low / x_scale), 0, 255))
+    x_int = np.clip(np.round(x / x_scale) + x_zero, 0, 255).astype(np.int64)
+    pairs = x_int[:, 0::2, None] * w_int[0::2] + x_int[:, 1::2, None] * w_int[1::2]
+    assert np.abs(pairs).max() > 2**15 - 1  # a saturating kernel would get this model wrong
+    want = np.maximum((x_int - x_zero) @ w_int * float(x_scale) * w_scale, 0)
+    session = validate.open_session(quantised, ["CPUExecutionProvider"], exact_int8=True)
+    got = validate.run(session, [{"x": x}])[0][0]
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "features", "reduce_range", "exact"),
+    [
+        ("aarch64", ("asimd",), False, True),
+        ("x86_64", ("avx2", "avx512_vnni"), False, True),
+        ("x86_64", ("sse4_2",), True, True),
+        ("x86_64", ("avx2",), False, False),
+    ],
+)
+def test_which_devices_compute_int8_exactly(
+    architecture: str, features: tuple[str, ...], reduce_range: bool, exact: bool
+) -> None:
+    assert quantize.device_int8_is_exact(architecture, features, reduce_range) is exact
 
 
 def test_tools_leave_nothing_in_the_working_directory(
