@@ -182,7 +182,7 @@ def profile_names() -> list[str]:
 
 def load_profile(name: str) -> HardwareProfile:
     """Load the profile called ``name`` from :func:`profiles_dir`."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid hardware profile name {name!r}",
             hint="use lower-case letters, digits, '.', '_' or '-' (see `edgepack hw list`)",
@@ -229,7 +229,7 @@ def load_profile_file(path: Path | str) -> HardwareProfile:
 def _parse(data: dict[str, Any], where: str) -> HardwareProfile:
     _check_keys(data, _TOP_KEYS, where, "")
     name = _string(data, "name", where)
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"hardware profile {where}: invalid name {name!r}",
             hint="use lower-case letters, digits, '.', '_' or '-'",
@@ -359,7 +359,7 @@ def _strings(
         raise InvalidInputError(f"hardware profile {where}: {prefix}{key} has duplicates")
     if pattern is not None:
         for item in value:
-            if not pattern.match(item):
+            if not pattern.fullmatch(item):
                 raise InvalidInputError(
                     f"hardware profile {where}: {prefix}{key} entry {item!r} is not a CPU "
                     "feature name",

@@ -49,3 +49,25 @@ def test_pack_refuses_a_min_agent_version_no_agent_can_compare(tmp_path: Path) -
             min_agent_version="soon",
         )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("field", ["name", "version", "profile"])
+def test_pack_refuses_a_trailing_newline_in_a_name(tmp_path: Path, field: str) -> None:
+    """``re.match`` with ``$`` accepts ``"digits\\n"``; every name rule is a full match."""
+    from tests.agent._support import make_model_dir
+
+    health = make_model_dir(tmp_path / "m", 2.0)
+    names = {"name": "digits", "version": "1.0.0", "profile": "generic-x86_64"}
+    names[field] += "\n"
+    with pytest.raises(InvalidInputError):
+        bundle.pack(
+            tmp_path / "m",
+            tmp_path / "out",
+            recipients=[keys.generate_recipient_key().public_key()],
+            signer=ProducerKeySigner(keys.generate_signing_key()),
+            health=health,
+            name=names["name"],
+            version=names["version"],
+            profile=names["profile"],
+        )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

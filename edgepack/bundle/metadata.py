@@ -106,7 +106,7 @@ def canonical_json(document: Mapping[str, Any]) -> bytes:
 
 def check_name(name: str) -> str:
     """A model name: lowercase letters, digits and dashes (like a snap name)."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid model name {name!r}",
             hint="use lowercase letters, digits and dashes, up to 64 characters",
@@ -116,14 +116,14 @@ def check_name(name: str) -> str:
 
 def check_profile(profile: str) -> str:
     """A hardware profile name: lowercase letters, digits, dashes and underscores."""
-    if not PROFILE_RE.match(profile):
+    if not PROFILE_RE.fullmatch(profile):
         raise InvalidInputError(f"invalid hardware profile name {profile!r}")
     return profile
 
 
 def check_version(version: str) -> str:
     """A release version: letters, digits and ``.+_-``, starting and ending alphanumeric."""
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise InvalidInputError(
             f"invalid version {version!r}", hint="use e.g. 1.2.0 or 2024.05.1-rc1"
         )
@@ -140,7 +140,7 @@ def check_payload_path(path: str, limits: Limits = DEFAULT_LIMITS) -> str:
     if ".." in parts:
         raise BundleFormatError(f"payload path {path!r} contains '..'")
     for part in parts:
-        if part in ("", ".") or not _PATH_COMPONENT_RE.match(part):
+        if part in ("", ".") or not _PATH_COMPONENT_RE.fullmatch(part):
             raise BundleFormatError(
                 f"payload path {path!r} is not a normalised relative path of safe characters"
             )
@@ -194,7 +194,7 @@ def parse_manifest(payload: Any, limits: Limits = DEFAULT_LIMITS) -> list[Payloa
         seen.add(path)
         size = _require(entry, "size", int, f"payload entry {path!r}")
         digest = _require(entry, "sha256", str, f"payload entry {path!r}")
-        if size < 0 or not _HEX64.match(digest):
+        if size < 0 or not _HEX64.fullmatch(digest):
             raise BundleFormatError(f"payload entry {path!r} has a bad size or digest")
         result.append(PayloadFile(path, size, digest))
     for item in result:
@@ -229,7 +229,7 @@ def parse_bundle_json(
         check_name(_require(doc, "name", str, "meta/bundle.json"))
         check_version(_require(doc, "version", str, "meta/bundle.json"))
         profile = doc.get("profile")
-        if profile is not None and (not isinstance(profile, str) or not PROFILE_RE.match(profile)):
+        if profile is not None and (not isinstance(profile, str) or not PROFILE_RE.fullmatch(profile)):
             raise BundleFormatError("meta/bundle.json: bad profile name")
     except InvalidInputError as exc:
         raise BundleFormatError(f"meta/bundle.json: {exc.message}") from None
