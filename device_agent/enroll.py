@@ -90,7 +90,7 @@ def enroll(
     config_mod.check_names(models, channel, cohort)  # they become paths the agent deletes
     warnings = _check_profile(profile)
     data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o755)
+    data_dir.chmod(0o750)  # the agent's user and the applications' group only
     try:
         root_bytes = root.read_bytes()
     except OSError as exc:

@@ -18,16 +18,20 @@ from device_agent import _atomic, names
 from device_agent._crashpoint import crashpoint
 
 CURRENT = "current"
+# A model is its owner's property: revisions are read-only, and readable only by the
+# agent's user and its group (the applications that load the model), never by others.
+FILE_MODE = 0o440
+DIR_MODE = 0o550
 _TMP_LINK = ".current.tmp"
 
 
 def _make_tree_writable(root: Path) -> None:
     for dirpath, dirnames, _ in os.walk(root):
-        Path(dirpath).chmod(0o755)  # owner-writable only to delete it
+        Path(dirpath).chmod(0o750)  # owner-writable only to delete it
         for d in dirnames:
             p = Path(dirpath) / d
             if not p.is_symlink():
-                p.chmod(0o755)
+                p.chmod(0o750)
 
 
 def make_read_only(root: Path) -> None:
@@ -40,10 +44,9 @@ def make_read_only(root: Path) -> None:
         for name in filenames:
             p = Path(dirpath) / name
             if not p.is_symlink():
-                p.chmod(0o444)
+                p.chmod(FILE_MODE)
         _atomic.fsync_dir(Path(dirpath))
-        # Applications on the device read models from here, so folders stay world-readable.
-        Path(dirpath).chmod(0o555)
+        Path(dirpath).chmod(DIR_MODE)
 
 
 class UnsafeDeletionError(ValueError):
@@ -131,7 +134,7 @@ class Slots:
         # staging/ and models/ share the data directory, so this is a rename, not a copy.
         staged.chmod(0o700)  # renaming a folder needs write access to it
         staged.rename(dest)
-        dest.chmod(0o555)  # world-readable on purpose, see make_read_only
+        dest.chmod(DIR_MODE)
         _atomic.fsync_dir(self.root)
         return dest
 

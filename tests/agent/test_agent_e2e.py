@@ -288,8 +288,15 @@ def test_older_channel_document_is_ignored(world: World, data: Path) -> None:
     assert current(data) == rev
 
 
-def test_bundle_with_escaping_external_data_is_refused(world: World, data: Path) -> None:
+def test_bundle_with_escaping_external_data_is_refused(
+    world: World, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import onnx
+
+    from edgepack.bundle import writer
+
+    # A hostile producer packs with a tool of its own: without our pack's refusal.
+    monkeypatch.setattr(writer, "_check_models_as_devices_will", lambda *_: None)
 
     world.publish("1.0.0", 2.0)
     poll(data)
@@ -452,3 +459,19 @@ def test_a_server_dripping_its_headers_hits_the_response_deadline(
     assert out.action == "kept" and not out.checked and "within 2 s" in str(out.error)
     assert status.load(d)["stale"] is True
     assert current(d) is not None
+
+
+def test_installed_models_are_not_readable_by_other_users(world: World, data: Path) -> None:
+    """The agent's user and its group (the applications) read a model; nobody else."""
+    import stat as st
+
+    world.publish("1.0.0", 2.0)
+    assert poll(data).action == "installed"
+    assert st.S_IMODE(data.stat().st_mode) == 0o750
+    revision = Slots(data, MODEL).revision_dir(str(current(data)))
+    entries = [revision, *revision.rglob("*")]
+    assert len(entries) > 2
+    for entry in entries:
+        mode = st.S_IMODE(entry.lstat().st_mode)
+        assert mode & 0o007 == 0, f"{entry} is {oct(mode)}: others can read it"
+        assert mode & 0o222 == 0, f"{entry} is {oct(mode)}: writable once installed"
