@@ -6,16 +6,18 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test lint typecheck unit services bench fuzz conformance clean
 
-$(VENV)/.stamp-dev: pyproject.toml
+# constraints-dev.txt pins the whole dev environment to versions the suite was verified
+# with, so a fresh machine tests what was tested (the registry moves on).
+$(VENV)/.stamp-dev: pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
 	touch $@
 
-$(VENV)/.stamp-demo: pyproject.toml
+$(VENV)/.stamp-demo: pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[builder]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[builder]'
 	touch $@
 
 demo: $(VENV)/.stamp-demo
