@@ -136,6 +136,7 @@ class Agent:
         self.fetcher = fetcher or AgentFetcher(config.limits, tmp_dir=self.data / "downloads")
         self.journal = Journal.load(self.data)
         self.device = selection.Device.from_config(config)
+        self._scrubbed: dict[tuple[str, str], float] = {}
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -157,6 +158,8 @@ class Agent:
             mj = self.journal.model(name)
             slots = Slots(self.data, name)
             slots.clean_temporaries()
+            if slots.foreign_current():
+                self._repair(name, "`current` was not a link to one of its revisions")
             action = RECOVERY[mj.state]
             if action is Recovery.FINISH_SWITCH:
                 if mj.update is not None:
@@ -279,8 +282,13 @@ class Agent:
         sha = names.sha256(info.hashes["sha256"])  # it names files under DATA/downloads
         current = slots.current()
         if current and current in mj.revisions and mj.revisions[current].sha256 == sha:
-            self.journal.enter(name, State.IDLE)
-            return Outcome(name, "up-to-date", current, version)
+            problem = self._scrub(name, current)
+            if problem is None:
+                self.journal.enter(name, State.IDLE)
+                return Outcome(name, "up-to-date", current, version)
+            # Corrupted at rest: fall back now, then install the same release afresh.
+            self._repair(name, f"{current} is damaged: {problem}", drop=current)
+            current = slots.current()
         refused = mj.failed.get(version) or mj.failed_bundles.get(sha)
         if refused:
             self.journal.enter(name, State.IDLE)
@@ -374,7 +382,8 @@ class Agent:
         mj.revisions[update.revision] = Revision(
             update.version, update.sha256, update.target, False, self.clock(), model_rel
         )
-        slots.install(staged, update.revision)
+        manifest = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in binfo.manifest]
+        slots.install(staged, update.revision, manifest)
         self.journal.enter(name, State.HEALTH_CHECKING)
         health.check_revision_isolated(
             slots.revision_dir(update.revision),
@@ -388,6 +397,43 @@ class Agent:
         mj.revisions[update.revision].healthy = True
         self.journal.enter(name, State.SWITCHING)
         self._switch_and_commit(name, update.revision)
+
+    def _scrub(self, name: str, revision: str) -> str | None:
+        """Re-check the running revision's files against its signed manifest, at most
+        once per ``scrub_interval_s`` in a long-running agent (every run with ``--once``)."""
+        now = time.monotonic()
+        last = self._scrubbed.get((name, revision))
+        if last is not None and now - last < self.config.limits.scrub_interval_s:
+            return None
+        problem = Slots(self.data, name).verify(revision)
+        if problem is None:
+            self._scrubbed[(name, revision)] = now
+        return problem
+
+    def _repair(self, name: str, why: str, drop: str | None = None) -> None:
+        """Point ``current`` at the newest intact known-good revision (or at nothing),
+        after removing ``drop``, a damaged revision; ``why`` is kept for the status."""
+        mj = self.journal.model(name)
+        slots = Slots(self.data, name)
+        good = [
+            r
+            for r in reversed(mj.healthy_revisions())
+            if r != drop
+            and slots.revision_dir(r).is_dir()
+            and mj.revisions[r].version not in mj.revoked
+            and slots.verify(r) is None
+        ]
+        if good:
+            slots.switch(good[0])
+        else:
+            slots.drop_current()
+        if drop is not None and slots.current() != drop:
+            slots.remove(drop)
+            mj.revisions.pop(drop, None)
+        mj.confirm = None
+        mj.repairs.append(f"{why}; now running {good[0] if good else 'nothing'}")
+        del mj.repairs[:-5]
+        self.journal.save()
 
     def _switch_and_commit(self, name: str, revision: str) -> None:
         mj = self.journal.model(name)

@@ -12,7 +12,7 @@ from typing import Any
 
 from device_agent import safeload
 from device_agent.config import resolve_data_dir
-from device_agent.errors import NoRevisionError
+from device_agent.errors import CorruptRevisionError, NoRevisionError
 from device_agent.slots import Slots
 from device_agent.state import Journal
 
@@ -25,6 +25,12 @@ def _active(name: str, data_dir: Path | None) -> tuple[Path, str]:
         raise NoRevisionError(
             f"no active revision of {name} in {data}",
             hint="wait for `edgepack-agent run` to install one, or check `edgepack-agent status`",
+        )
+    problem = slots.verify(revision)
+    if problem is not None:
+        raise CorruptRevisionError(
+            f"the active revision {revision} of {name} is damaged: {problem}",
+            hint="`edgepack-agent run --once` falls back to an intact revision and reinstalls",
         )
     record = Journal.load(data).model(name).revisions.get(revision)
     return slots.revision_dir(revision), record.model_path if record else "model.onnx"
@@ -39,6 +45,10 @@ def active_model_path(name: str, data_dir: Path | None = None) -> Path:
 def open_session(
     name: str, data_dir: Path | None = None, providers: list[str] | None = None
 ) -> Any:
-    """An onnxruntime ``InferenceSession`` of the active revision of ``name``, loaded by path."""
+    """An onnxruntime ``InferenceSession`` of the active revision of ``name``, loaded by path.
+
+    The revision's files are first checked against the signed manifest kept at
+    install: a flipped bit or a deleted file raises :class:`CorruptRevisionError`
+    instead of serving wrong answers."""
     revision_dir, model_rel = _active(name, data_dir)
     return safeload.open_session(revision_dir, model_rel, providers)

@@ -55,6 +55,8 @@ class Limits:
     # The health check runs in a child process: wall-clock limit, and address-space cap
     # (RLIMIT_AS, MiB; 0: none beyond the machine's) so a hostile model cannot exhaust it.
     health_timeout_s: float = 300.0
+    # How often a long-running agent re-reads the running revision against its manifest.
+    scrub_interval_s: float = 3600.0
     health_memory_mb: int = 0
 
 

@@ -43,3 +43,9 @@ class NoRevisionError(AgentError):
     """The requested revision (or any active model) is not installed."""
 
     exit_code = 3
+
+
+class CorruptRevisionError(AgentError):
+    """An installed revision's files no longer match the manifest it was installed with."""
+
+    exit_code = 4

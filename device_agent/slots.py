@@ -23,6 +23,7 @@ CURRENT = "current"
 FILE_MODE = 0o440
 DIR_MODE = 0o550
 _TMP_LINK = ".current.tmp"
+MANIFESTS = ".manifests"
 
 
 def _make_tree_writable(root: Path) -> None:
@@ -107,12 +108,89 @@ class Slots:
         remove_tree(path, inside=self.data_dir / "staging")
 
     def current(self) -> str | None:
-        """The active revision, or ``None`` on a device that never had one."""
-        try:
-            target = (self.root / CURRENT).readlink()
-        except (FileNotFoundError, NotADirectoryError):
+        """The active revision, or ``None`` on a device that never had one.
+
+        The agent only ever links ``current`` to a sibling folder's bare name; a
+        link anywhere else (``/elsewhere/model``, ``../../x``) or a plain file in
+        its place is not an active revision, and :meth:`foreign_current` says so.
+        """
+        target = self._link_target()
+        if target is None or not self._is_own_link(target):
             return None
-        return Path(target).name
+        return target
+
+    def _link_target(self) -> str | None:
+        try:
+            return str((self.root / CURRENT).readlink())
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return None
+
+    def _is_own_link(self, target: str) -> bool:
+        return (
+            target not in ("", ".", "..")
+            and "/" not in target
+            and not target.startswith(".")
+            and self.revision_dir(target).is_dir()
+            and not self.revision_dir(target).is_symlink()
+        )
+
+    def foreign_current(self) -> bool:
+        """True when ``current`` exists but is not a link to one of this model's revisions."""
+        link = self.root / CURRENT
+        if not link.exists() and not link.is_symlink():
+            return False
+        target = self._link_target()
+        return target is None or not self._is_own_link(target)
+
+    def drop_current(self) -> None:
+        """Remove ``current`` (a link; or what a tamperer put in its place)."""
+        link = self.root / CURRENT
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            remove_tree(link, inside=self.root)
+        _atomic.fsync_dir(self.root)
+
+    def manifest_path(self, revision: str) -> Path:
+        """Where the signed manifest of an installed revision is kept (beside it)."""
+        return self.root / MANIFESTS / f"{_folder_name(revision)}.json"
+
+    def verify(self, revision: str) -> str | None:
+        """Check an installed revision's files against its manifest: ``None`` when intact,
+        else what is wrong. A revision installed before manifests were kept passes."""
+        import hashlib
+        import json
+
+        try:
+            entries = json.loads(self.manifest_path(revision).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return "its manifest is unreadable"
+        root = self.revision_dir(revision)
+        expected = {str(e["path"]): (int(e["size"]), str(e["sha256"])) for e in entries}
+        present: set[str] = set()
+        for d, dirs, files in os.walk(root):
+            if any((Path(d) / sub).is_symlink() for sub in dirs):
+                return "it holds a symbolic link"
+            present.update((Path(d) / f).relative_to(root).as_posix() for f in files)
+        if present - set(expected):
+            return f"it holds files the bundle did not: {sorted(present - set(expected))[:3]}"
+        for rel, (size, digest) in sorted(expected.items()):
+            path = root / rel
+            try:
+                info = path.lstat()
+            except FileNotFoundError:
+                return f"{rel} is missing"
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+                return f"{rel} is not the {size}-byte file the bundle installed"
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while block := fh.read(1024 * 1024):
+                    h.update(block)
+            if h.hexdigest() != digest:
+                return f"{rel} no longer matches its signed digest"
+        return None
 
     def installed(self) -> list[str]:
         """Revision directories present on disk."""
@@ -124,12 +202,22 @@ class Slots:
             if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
         )
 
-    def install(self, staged: Path, revision: str) -> Path:
-        """Move a checked staging folder into place as a read-only revision."""
+    def install(
+        self, staged: Path, revision: str, manifest: list[dict[str, object]] | None = None
+    ) -> Path:
+        """Move a checked staging folder into place as a read-only revision, its signed
+        ``manifest`` (path, size, sha256 per file) kept beside it for :meth:`verify`."""
+        import json
+
         dest = self.revision_dir(revision)
         self.root.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             remove_tree(dest, inside=self.root)
+        if manifest is not None:
+            (self.root / MANIFESTS).mkdir(mode=0o750, exist_ok=True)
+            _atomic.write_bytes(
+                self.manifest_path(revision), json.dumps(manifest).encode(), mode=0o440
+            )
         make_read_only(staged)
         # staging/ and models/ share the data directory, so this is a rename, not a copy.
         staged.chmod(0o700)  # renaming a folder needs write access to it
@@ -155,6 +243,8 @@ class Slots:
         if revision == self.current():
             raise ValueError(f"refusing to remove the active revision {revision} of {self.name}")
         remove_tree(self.revision_dir(revision), inside=self.root)
+        with contextlib.suppress(FileNotFoundError):
+            self.manifest_path(revision).unlink()
 
     def clean_temporaries(self) -> None:
         """Remove a left-over temporary symlink and the staging area."""

@@ -116,6 +116,8 @@ class ModelJournal:
     channel_sequence: int = 0
     confirm: dict[str, Any] | None = None  # {"revision", "previous", "deadline"}
     entered_at: float = 0.0
+    # What the agent found damaged at rest and how it recovered (newest last, a few kept).
+    repairs: list[str] = field(default_factory=list)
 
     def healthy_revisions(self) -> list[str]:
         """Known-good revisions, oldest install first."""
@@ -161,6 +163,7 @@ class ModelJournal:
             ),
             confirm=None if confirm is None else _confirm(confirm, f"{where}.confirm"),
             entered_at=_typed(obj.get("entered_at", 0.0), "float", f"{where}.entered_at"),
+            repairs=_string_list(obj.get("repairs", []), f"{where}.repairs"),
         )
 
 

@@ -52,6 +52,7 @@ def build(
                 "failed_releases": dict(mj.failed),
                 "failed_bundles": dict(mj.failed_bundles),
                 "awaiting_confirmation": mj.confirm is not None,
+                "repairs": list(mj.repairs),
                 "pending": (
                     mj.update.version
                     if mj.update and mj.state.value not in ("idle", "committed")
