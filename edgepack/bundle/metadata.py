@@ -229,7 +229,9 @@ def parse_bundle_json(
         check_name(_require(doc, "name", str, "meta/bundle.json"))
         check_version(_require(doc, "version", str, "meta/bundle.json"))
         profile = doc.get("profile")
-        if profile is not None and (not isinstance(profile, str) or not PROFILE_RE.fullmatch(profile)):
+        if profile is not None and (
+            not isinstance(profile, str) or not PROFILE_RE.fullmatch(profile)
+        ):
             raise BundleFormatError("meta/bundle.json: bad profile name")
     except InvalidInputError as exc:
         raise BundleFormatError(f"meta/bundle.json: {exc.message}") from None
