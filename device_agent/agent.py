@@ -15,8 +15,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from device_agent.errors import (
     UnsafeModelError,
 )
 from device_agent.fetcher import AgentFetcher
+from device_agent.outcome import Outcome
 from device_agent.slots import Slots
 from device_agent.state import RECOVERY, Journal, Recovery, Revision, State, Update
 from device_agent.tufclient import TufClient
@@ -42,55 +42,6 @@ from edgepack.errors import ConflictError, EdgepackError, InvalidInputError, Ver
 
 MAX_ATTEMPTS = 5  # interrupted tries of one release before it is marked failed (crash loop)
 LOCK_NAME = ".lock"
-
-
-@dataclass
-class Outcome:
-    """What one poll did for one model."""
-
-    model: str
-    action: str  # up-to-date | installed | rolled-back | failed | kept | no-release | error
-    revision: str | None = None
-    version: str | None = None
-    error: str | None = None
-    checked: bool = True  # False when the repository could not be read at all
-
-    def describe(self) -> str:
-        """One line for a person: what happened to which release, and what runs now."""
-        return describe_outcome(vars(self))
-
-    def as_status(self) -> dict[str, Any]:
-        """The fields this outcome contributes to the status document."""
-        now = time.time()
-        fields: dict[str, Any] = {
-            "last_action": self.action,
-            "last_error": self.error,
-            "last_attempt": now,
-        }
-        if self.checked:
-            fields["last_check"] = now
-        return fields
-
-
-_REFUSALS = frozenset({"failed", "kept", "no-release", "error"})
-
-
-def describe_outcome(outcome: Mapping[str, Any]) -> str:
-    """``Outcome`` fields (or their ``--json`` form) as one line for a person.
-
-    A refusal names the release it refused and, apart from it, the revision that
-    still runs, so "failed" never reads as if the running model had failed.
-    """
-    model, action = outcome.get("model"), outcome.get("action")
-    revision, version, error = outcome.get("revision"), outcome.get("version"), outcome.get("error")
-    if action not in _REFUSALS:
-        return f"{model}: {action} {revision or version or '-'}"
-    line = f"{model}: {action}"
-    if version and action in ("failed", "kept"):
-        line += f" {version}"
-    if error:
-        line += f" ({error})"
-    return line + (f"; running {revision}" if revision else "; no model running")
 
 
 class _ReleaseFailedError(Exception):
@@ -411,8 +362,9 @@ class Agent:
         return problem
 
     def _repair(self, name: str, why: str, drop: str | None = None) -> None:
-        """Point ``current`` at the newest intact known-good revision (or at nothing),
-        after removing ``drop``, a damaged revision; ``why`` is kept for the status."""
+        """Point ``current`` at the newest intact, known-good, unrevoked revision not failed
+        here (or at nothing), then remove ``drop``, a damaged revision; ``why`` goes to the
+        status."""
         mj = self.journal.model(name)
         slots = Slots(self.data, name)
         good = [
@@ -421,6 +373,7 @@ class Agent:
             if r != drop
             and slots.revision_dir(r).is_dir()
             and mj.revisions[r].version not in mj.revoked
+            and mj.revisions[r].version not in mj.failed
             and slots.verify(r) is None
         ]
         if good:

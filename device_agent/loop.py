@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 import threading
 
-from device_agent.agent import Agent, Outcome
+from device_agent.agent import Agent
 from device_agent.config import Limits
+from device_agent.outcome import Outcome
 from edgepack.errors import EdgepackError
 
 

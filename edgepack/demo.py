@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from device_agent.agent import describe_outcome
+from device_agent.outcome import describe_outcome
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 PASSPHRASE = "demo-passphrase"

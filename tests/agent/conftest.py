@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from device_agent import config, loop
-from device_agent.agent import Agent, Outcome
+from device_agent.agent import Agent
+from device_agent.outcome import Outcome
 from tests.agent._support import World
 
 

@@ -138,7 +138,7 @@ def test_offline_source_missing_file_is_404(tmp_path: Path) -> None:
 
 
 def test_backoff_counts_stale_and_errors_not_refused_releases() -> None:
-    from device_agent.agent import Outcome
+    from device_agent.outcome import Outcome
 
     assert loop.failed([Outcome("m", "kept", error="unreachable", checked=False)])
     assert loop.failed([Outcome("m", "error", error="cut")])
