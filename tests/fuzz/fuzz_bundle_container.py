@@ -1,7 +1,8 @@
 """Fuzz target: the bundle container reader, up to where a key would be needed.
 
-Entry point: :func:`edgepack.bundle.reader.read_info` on a file holding the
-input, as it is and with its header checksums fixed (the ustar walk of ``_container.read_members``, the member bounds, the
+Entry point: :func:`edgepack.bundle._container.read_members` and
+:func:`edgepack.bundle.reader.read_info` on a file holding the input, as it is
+and with its header checksums fixed (the ustar walk, the member bounds, the
 metadata parsers, the payload size check), then ``BundleInfo.summary()`` as
 ``edgepack inspect --json`` prints it. Accepted outcomes: success, or
 :class:`~edgepack.errors.BundleFormatError`. Anything else is a finding, and so
