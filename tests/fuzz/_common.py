@@ -9,6 +9,7 @@ errors (``EXPECTED``); :mod:`tests.fuzz.run` prepares the corpora and flags.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -32,9 +33,16 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
+SCRATCH_ENV = "EDGEPACK_FUZZ_SCRATCH"
+
+
 def scratch_dir() -> Path:
-    """A private directory for the files an entry point reads (on tmpfs when there is one)."""
-    base = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    """A private directory for the files an entry point reads.
+
+    Under ``$EDGEPACK_FUZZ_SCRATCH`` when set (the runner points it into its own
+    output, because libFuzzer exits without running ``atexit``), else on tmpfs.
+    """
+    base = os.environ.get(SCRATCH_ENV) or ("/dev/shm" if Path("/dev/shm").is_dir() else None)
     path = Path(tempfile.mkdtemp(prefix="edgepack-fuzz-", dir=base))
     atexit.register(shutil.rmtree, path, True)
     return path

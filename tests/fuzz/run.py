@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.fuzz._common import MACHINE_FILES, MACHINE_SEPARATOR
+from tests.fuzz._common import MACHINE_FILES, MACHINE_SEPARATOR, SCRATCH_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "tests" / "fuzz"
@@ -81,7 +82,13 @@ def prepare(target: str, out: Path) -> Path:
     for name, data in _generated_seeds(target).items():
         (corpus / name).write_bytes(data)
     (out / target / "artifacts").mkdir(exist_ok=True)
+    (out / target / "scratch").mkdir(exist_ok=True)
     return corpus
+
+
+def environment(target: str, out: Path) -> dict[str, str]:
+    """The harness's environment: its scratch files go to ``out/TARGET/scratch``."""
+    return {**os.environ, SCRATCH_ENV: str(out / target / "scratch")}
 
 
 def command(target: str, out: Path, *flags: str) -> list[str]:
@@ -108,6 +115,7 @@ def run(target: str, out: Path, *flags: str) -> int:
         return subprocess.run(
             command(target, out, *flags),
             cwd=ROOT,
+            env=environment(target, out),
             stdout=handle,
             stderr=subprocess.STDOUT,
             check=False,

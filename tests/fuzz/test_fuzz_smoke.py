@@ -23,6 +23,7 @@ def test_harness_fuzzes_its_seeds_without_a_crash(target: str, tmp_path: Path) -
     result = subprocess.run(
         run.command(target, tmp_path, f"-max_total_time={SECONDS}"),
         cwd=run.ROOT,
+        env=run.environment(target, tmp_path),
         capture_output=True,
         text=True,
         check=False,
