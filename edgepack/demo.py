@@ -276,7 +276,10 @@ def poll(demo: Demo, device: str) -> list[dict[str, Any]]:
     for outcome in outcomes or []:
         style = "red" if outcome.get("error") else "default"
         line = describe_outcome(outcome)
-        console.print(f"  {device}: [{style}]{escape(line)}[/{style}] ({elapsed:.2f} s)")
+        # One line per outcome (a terminal may fold it; rich must not cut it in two).
+        console.print(
+            f"  {device}: [{style}]{escape(line)}[/{style}] ({elapsed:.2f} s)", soft_wrap=True
+        )
     return list(outcomes or [])
 
 

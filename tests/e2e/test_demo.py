@@ -82,12 +82,14 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert all(p == t for _, p, t in predictions), predictions
     # The broken v2 was refused by the health check on both, and both kept v1.
     # Each line names the refused release and, apart from it, the revision kept.
-    refusals = re.findall(r"device-[ab]: failed 2\.0\.0 \(.*health check failed.*\); running 1\.0\.0-", out)
+    refusals = re.findall(
+        r"device-[ab]: digits: failed 2\.0\.0 \(.*health check failed.*\); running 1\.0\.0-", out
+    )
     assert len(refusals) == 2, tail
     assert out.count("the health check refused v2, v1 kept") == 2, tail
     # v3 reached exactly one device; the operator rollback sent it back to v1 from cache.
-    assert len(re.findall(r"device-[ab]: installed 3\.0\.0-", out)) == 1, tail
-    assert len(re.findall(r"device-[ab]: rolled-back 1\.0\.0-", out)) == 1, tail
+    assert len(re.findall(r"device-[ab]: digits: installed 3\.0\.0-", out)) == 1, tail
+    assert len(re.findall(r"device-[ab]: digits: rolled-back 1\.0\.0-", out)) == 1, tail
     runs = re.findall(r"(device-[ab]) runs (\d+\.\d+\.\d+)", out)
     assert [v for _, v in runs].count("3.0.0") == 1, runs
     assert sorted(runs[-2:]) == [("device-a", "1.0.0"), ("device-b", "1.0.0")], runs
