@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,29 @@ def test_unknown_option_is_a_usage_error() -> None:
     assert "usage:" in out.stderr
 
 
+def _readable_copy(script: Path) -> Path:
+    """A copy of ``script`` and its siblings where an unprivileged user may run it (the
+    checkout may lie under a folder only root can enter, e.g. a 0700 temporary one)."""
+    home = Path(tempfile.mkdtemp(prefix="edgepack-setup-"))
+    home.chmod(0o755)
+    copy = home / script.parent.name
+    shutil.copytree(script.parent, copy, ignore=shutil.ignore_patterns("cache"))
+    for path in (copy, *copy.rglob("*")):
+        path.chmod(0o755)
+    return copy / script.name
+
+
 def _as_nobody(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv (util-linux) to run a script as an unprivileged user")
+    script = _readable_copy(Path(argv[0]))
+    try:
+        return _run_as_nobody([str(script), *argv[1:]], env)
+    finally:
+        shutil.rmtree(script.parent.parent)
+
+
+def _run_as_nobody(argv: list[str], env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
         capture_output=True,

@@ -87,7 +87,11 @@ def _v1_then_v2(world: World, data: Path) -> None:
 
 def _revisions(data: Path) -> list[str]:
     root = data / "models" / MODEL
-    return sorted(p.name.split("-")[0] for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    return sorted(
+        p.name.split("-")[0]
+        for p in root.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
 
 
 @pytest.mark.parametrize("verdict", ["revert", "report-bad"])

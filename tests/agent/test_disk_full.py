@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from device_agent import config, loop
+from device_agent.agent import Agent
 from device_agent.slots import Slots
 from tests.agent._support import MODEL, World, fast_limits
 from tests.agent.conftest import poll
@@ -53,10 +55,13 @@ def _setup(world: World, disk: Path, **limits: object) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("leave", [200_000, 2_000_000], ids=["during-download", "during-install"])
 def test_disk_fills_up_mid_update(world: World, disk: Path, leave: int) -> None:
-    # A negative margin switches the free-space check off: another process takes the space.
-    data, v1 = _setup(world, disk, free_space_margin_bytes=-(10**9))
+    data, v1 = _setup(world, disk)
     filler = _fill(disk, leave)
-    out = poll(data)
+    # Another process takes the space after the check: a negative margin (in memory only;
+    # config.toml refuses one) switches the free-space check off to let the update start.
+    cfg = config.load(data)
+    cfg.limits.free_space_margin_bytes = -(10**9)
+    out = loop.poll_once(Agent(cfg))[0]
     assert out.action == "error" and "space" in str(out.error)
     slots = Slots(data, MODEL)
     assert slots.current() == v1 and slots.installed() == [v1]

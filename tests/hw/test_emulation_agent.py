@@ -230,8 +230,11 @@ def test_agent_on_emulated_aarch64_installs_its_variant_updates_and_rolls_back(
             assert (out["action"], out["version"], out["revision"]) == ("installed", "2.0.0", rev2)
             assert current(data) == rev2
             assert sorted(p.name for p in (data / "models" / MODEL).iterdir()) == sorted(
-                [rev1, rev2, "current"]
+                [rev1, rev2, "current", ".manifests"]  # each revision's signed manifest
             )
+            assert sorted(p.name for p in (data / "models" / MODEL / ".manifests").iterdir()) == [
+                f"{r}.json" for r in sorted([rev1, rev2])
+            ]
             _, second = server.bundle_requests()  # one more download: v2's aarch64 variant
             assert second.endswith(f".{v2.bundles[GUEST_PROFILE].name}")
 

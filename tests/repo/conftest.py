@@ -56,14 +56,15 @@ def make_bundle(
     architectures: tuple[str, ...] = ("aarch64",),
     payload: bytes = b"",
 ) -> Path:
-    """A real bundle of a tiny (not necessarily valid ONNX) model file.
+    """A real bundle of a tiny ONNX model (Identity) whose unused initializer holds
+    ``name/version/profile`` and ``payload``, so every bundle's bytes differ.
 
     The one place tests make bundles, so a change of the bundle API lands here.
     """
     model_dir = out_dir / f".src-{name}-{version}-{profile or 'any'}"
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model.onnx").write_bytes(
-        b"onnx-bytes:" + f"{name}/{version}/{profile}".encode() + payload
+        _tiny_onnx(b"onnx-bytes:" + f"{name}/{version}/{profile}".encode() + payload)
     )
     result = pack(
         model_dir,
@@ -223,3 +224,19 @@ def signer_from_pem(path: Path) -> Signer:
     from edgepack.repo._tuf import CryptoSigner
 
     return CryptoSigner(load_pem_private_key(path.read_bytes(), None))
+
+
+def _tiny_onnx(filler: bytes) -> bytes:
+    from onnx import TensorProto, helper
+
+    pad = helper.make_tensor("pad", TensorProto.UINT8, [len(filler)], filler, raw=True)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [pad],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data: bytes = model.SerializeToString()
+    return data
