@@ -54,3 +54,20 @@ def reread(parse: Callable[[_T], _R], written: _T, expected: tuple[type[Exceptio
         return parse(written)
     except expected as exc:
         raise AssertionError(f"the reader refuses what the writer wrote: {exc}") from exc
+
+
+def run_fuzzer(one_input: Callable[[bytes], None], expected: tuple[type[Exception], ...]) -> None:
+    """Run libFuzzer (flags and corpus directories from the command line) on ``one_input``:
+    the ``expected`` errors pass, anything else is a crash."""
+    import sys
+
+    import atheris  # type: ignore[import-untyped]  # ships no type hints
+
+    def test_one_input(data: bytes) -> None:
+        try:
+            one_input(data)
+        except expected:
+            return
+
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()

@@ -11,12 +11,11 @@ Infinity (``canonical_json`` is how a bundle writes it back).
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import nullcontext
 
 import atheris  # type: ignore[import-untyped]  # ships no type hints
 
-from tests.fuzz._common import INSTRUMENTED, reread
+from tests.fuzz._common import INSTRUMENTED, reread, run_fuzzer
 
 # Instrument only when fuzzing: a test importing this module runs the code plain.
 with atheris.instrument_imports(include=INSTRUMENTED) if __name__ == "__main__" else nullcontext():
@@ -51,18 +50,9 @@ def one_input(data: bytes) -> None:
         hpke_info("m", "1", None, header)
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 - the name atheris's examples use
-    """libFuzzer's callback: expected errors pass, anything else is a crash."""
-    try:
-        one_input(data)
-    except EXPECTED:
-        return
-
-
 def main() -> None:
     """Run libFuzzer with the command line's flags and corpus directories."""
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    run_fuzzer(one_input, EXPECTED)
 
 
 if __name__ == "__main__":
