@@ -125,9 +125,10 @@ def parse_header(block: bytes, offset: int) -> Member | None:
     if stored != computed:
         raise BundleFormatError("corrupt container header (checksum mismatch)")
     name = block[0:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
-    prefix = block[345:500].split(b"\x00", 1)[0]
-    if prefix:
-        name = prefix.decode("utf-8", "replace") + "/" + name
+    # The writer never splits a name into ustar's prefix field; GNU tar and we would
+    # join one differently, so a bundle that uses it is refused rather than read.
+    if block[345:500].strip(b"\x00"):
+        raise BundleFormatError("corrupt container header: the ustar prefix field is used")
     kind = block[156:157]
     if kind not in _REGULAR:
         what = _TYPE_NAMES.get(kind, f"an entry of type {kind!r}")
@@ -179,6 +180,9 @@ def read_members(
         end = member.offset + member.size + padding(member.size)
         if end > file_size:
             raise BundleFormatError("the bundle is truncated")
+        handle.seek(member.offset + member.size)
+        if handle.read(padding(member.size)) != bytes(padding(member.size)):
+            raise BundleFormatError(f"container entry {member.name!r} has non-zero padding")
         members.append(member)
         offset = end
     if len(members) != len(expected):

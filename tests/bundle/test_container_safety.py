@@ -158,3 +158,30 @@ def test_directory_and_missing_file(tmp_path: Path) -> None:
         read_info(tmp_path)
     with pytest.raises(InvalidInputError, match="cannot read"):
         read_info(tmp_path / "missing.epk")
+
+
+def _first_header_fixed(raw: bytearray) -> bytearray:
+    """Recompute the first ustar header's checksum after an edit."""
+    raw[148:156] = b" " * 8
+    raw[148:156] = f"{sum(raw[:512]):06o}\0 ".encode()
+    return raw
+
+
+def test_the_ustar_prefix_field_is_refused_not_joined(bundle: PackResult, tmp_path: Path) -> None:
+    raw = bytearray(bundle.path.read_bytes())
+    raw[345:350] = b"evil\0"  # GNU tar reads "evil/meta/…"; the old reader joined it too
+    hostile = tmp_path / "prefix.epk"
+    hostile.write_bytes(_first_header_fixed(raw))
+    with pytest.raises(BundleFormatError, match="prefix field"):
+        read_info(hostile)
+
+
+def test_non_zero_padding_after_a_member_is_refused(bundle: PackResult, tmp_path: Path) -> None:
+    raw = bytearray(bundle.path.read_bytes())
+    size = int(raw[124:136].rstrip(b"\0 "), 8)
+    assert size % 512, "the first member must end inside a block for this test"
+    raw[512 + size] = 0x41  # a byte of the first member's padding
+    hostile = tmp_path / "padding.epk"
+    hostile.write_bytes(bytes(raw))
+    with pytest.raises(BundleFormatError, match="padding"):
+        read_info(hostile)
