@@ -105,6 +105,8 @@ class Agent:
     # -- start-up recovery -----------------------------------------------------
     def recover(self) -> None:
         """Resume or clean up what a crash left, per the recovery table."""
+        if self.journal.recovered:
+            self._rebuild_from_slots(self.journal.recovered)
         for name in self.config.models:
             mj = self.journal.model(name)
             slots = Slots(self.data, name)
@@ -123,6 +125,21 @@ class Agent:
                     mj.update.attempts += 1
                 self.journal.enter(name, State.IDLE)
             self._forget_unknown(name)
+
+    def _rebuild_from_slots(self, why: str) -> None:
+        """After a damaged journal: adopt each model's running revision when its files
+        still match their signed manifest (its bundle digest is re-learnt from the
+        repository at the next poll); the rest is forgotten and cleaned up."""
+        for name in self.config.models:
+            mj = self.journal.model(name)
+            slots = Slots(self.data, name)
+            current = slots.current()
+            if current and current not in mj.revisions and slots.verify(current) is None:
+                version = current.rsplit("-", 1)[0]
+                mj.revisions[current] = Revision(version, "", "", True, self.clock())
+            mj.repairs.append(f"the journal was damaged: {why}")
+            del mj.repairs[:-5]
+        self.journal.save()
 
     def _forget_unknown(self, name: str) -> None:
         """Remove revisions that never became known good; drop records of vanished ones."""
@@ -232,6 +249,9 @@ class Agent:
             raise InvalidInputError(f"{info.path} has no sha256 in TUF metadata")
         sha = names.sha256(info.hashes["sha256"])  # it names files under DATA/downloads
         current = slots.current()
+        record = mj.revisions.get(current) if current else None
+        if record is not None and not record.sha256 and str(current).endswith("-" + sha[:12]):
+            record.sha256, record.target = sha, info.path  # re-learnt after a journal rebuild
         if current and current in mj.revisions and mj.revisions[current].sha256 == sha:
             problem = self._scrub(name, current)
             if problem is None:

@@ -11,9 +11,11 @@ the journal). Everything in this module is pure bookkeeping except
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -25,6 +27,7 @@ from device_agent._crashpoint import crashpoint
 from device_agent.errors import AgentError
 
 JOURNAL_NAME = "state.json"
+PREVIOUS_SUFFIX = ".prev"  # the journal as the save before the last one left it
 JOURNAL_FORMAT = 1
 
 
@@ -255,12 +258,36 @@ class Journal:
     def __init__(self, path: Path, models: dict[str, ModelJournal] | None = None) -> None:
         self.path = path
         self.models: dict[str, ModelJournal] = models or {}
+        self.recovered: str | None = None  # what load() did about a damaged journal
         self._saved = self._fingerprint() if models else ""
 
     @classmethod
     def load(cls, data_dir: Path) -> Journal:
-        """Read ``DATA/state.json`` (an empty journal when there is none)."""
+        """Read ``DATA/state.json`` (an empty journal when there is none).
+
+        A damaged journal is not a crash loop: the copy kept by the previous
+        :meth:`save` is read instead, and when that is damaged too the journal
+        starts empty (the agent then rebuilds what it can from the revisions on
+        disk). ``recovered`` says what happened, for the status.
+        """
         path = data_dir / JOURNAL_NAME
+        try:
+            return cls.read_file(path)
+        except JournalError as damaged:
+            previous = path.with_name(JOURNAL_NAME + PREVIOUS_SUFFIX)
+            try:
+                journal = cls.read_file(previous, path)
+                how = "restored the copy kept by the previous save"
+            except JournalError:
+                journal, how = cls(path), "started from an empty journal"
+            journal.recovered = f"{damaged.message}; {how}"
+            return journal
+
+    @classmethod
+    def read_file(cls, path: Path, target: Path | None = None) -> Journal:
+        """Parse the journal file ``path`` strictly (into a journal that saves to ``target``);
+        :class:`JournalError` for anything this agent would not have written."""
+        target = target or path
         try:
             raw = _atomic.read_json(path)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -269,6 +296,8 @@ class Journal:
                 hint="restore it from a backup, or move it aside to start from an empty journal",
             ) from None
         if raw is None:
+            if target != path:  # no previous copy: nothing to restore
+                raise JournalError(f"{path} does not exist")
             return cls(path)
         top = _object(raw, str(path))
         _only(top, {"format", "models"}, str(path))
@@ -280,7 +309,7 @@ class Journal:
         models = {
             k: ModelJournal.from_json(v, f"{path} model {k!r}") for k, v in raw_models.items()
         }
-        return cls(path, models)
+        return cls(target, models)
 
     def model(self, name: str) -> ModelJournal:
         """The journal of one model, created empty on first use."""
@@ -299,9 +328,22 @@ class Journal:
         return json.dumps(doc, sort_keys=True)
 
     def save(self) -> None:
-        """Write the whole journal atomically."""
+        """Write the whole journal atomically, keeping what it replaces as the previous copy.
+
+        The previous copy is a second name of the file this agent last wrote (a hard
+        link, renamed into place): no extra write, and always a journal it could read.
+        """
+        if self.path.is_file():
+            keep = self.path.with_name(JOURNAL_NAME + PREVIOUS_SUFFIX)
+            link = keep.with_name(keep.name + ".tmp")
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            with contextlib.suppress(OSError):
+                os.link(self.path, link)
+                os.replace(link, keep)
         _atomic.write_json(self.path, self._document())
         self._saved = self._fingerprint()
+        self.recovered = None
 
     def save_if_changed(self) -> None:
         """Write the journal only when its content differs from what is on disk."""

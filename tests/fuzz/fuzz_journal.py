@@ -1,6 +1,7 @@
 """Fuzz target: the agent's journal reader (``DATA/state.json``).
 
-Entry point: :meth:`device_agent.state.Journal.load` on a data directory whose
+Entry point: :meth:`device_agent.state.Journal.read_file` (the strict reader under
+``Journal.load``, which recovers from what it refuses) on a data directory whose
 ``state.json`` holds the input (a journal torn by a bad disk, or edited by
 hand), then the bookkeeping the agent does on start-up. Accepted outcomes:
 success, or :class:`~device_agent.state.JournalError`. Anything else is a
@@ -57,11 +58,11 @@ def _check_types(journal: state.Journal) -> None:
 def one_input(data: bytes) -> None:
     """Load ``data`` as ``state.json``; raise only :data:`EXPECTED`."""
     (_DATA / state.JOURNAL_NAME).write_bytes(data)
-    journal = state.Journal.load(_DATA)
+    journal = state.Journal.read_file(_DATA / state.JOURNAL_NAME)
     _check_types(journal)
     document = json.dumps(journal._document(), allow_nan=False, sort_keys=True)
     (_AGAIN / state.JOURNAL_NAME).write_text(document)
-    again = reread(state.Journal.load, _AGAIN, EXPECTED)
+    again = reread(state.Journal.read_file, _AGAIN / state.JOURNAL_NAME, EXPECTED)
     if json.dumps(again._document(), sort_keys=True) != document:
         raise AssertionError("the journal does not survive save and load")
 
