@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from device_agent import config as config_mod
-from edgepack.cli._output import JSON_OPTION, emit, new_app, run_cli
+from edgepack._cli_output import JSON_OPTION, emit, new_app, run_cli
 
 app = new_app("edgepack-agent", "Install and run edgepack models on this device, safely.")
 

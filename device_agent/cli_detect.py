@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from device_agent.hwdetect import Detection, choose_profile, read_machine_facts
-from edgepack.cli._output import JSON_OPTION, emit
+from edgepack._cli_output import JSON_OPTION, emit
 
 ROOT_OPTION = typer.Option(
     Path("/"),

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from edgepack._cli_output import new_app, run_cli
 from edgepack.cli import _build, _bundle, _hw, _keys, _repo
-from edgepack.cli._output import new_app, run_cli
 
 app = new_app("edgepack", "Build, sign, encrypt and publish ML models for edge fleets.")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from edgepack._cli_output import JSON_OPTION, emit
 from edgepack.cli._keys import (
     PASSPHRASE_ENV_OPTION,
     SIGN_CERT_OPTION,
@@ -20,7 +21,6 @@ from edgepack.cli._keys import (
     SIGN_KEY_OPTION,
     SIGSTORE_OPTION,
 )
-from edgepack.cli._output import JSON_OPTION, emit
 
 RECIPE_HELP = "none | fp16 | dynamic | static | auto (default: the profile's recipe)."
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from edgepack._cli_output import JSON_OPTION, emit
 from edgepack.cli._keys import (
     PASSPHRASE_ENV_OPTION,
     SIGN_CERT_OPTION,
@@ -14,7 +15,6 @@ from edgepack.cli._keys import (
     SIGN_KEY_OPTION,
     SIGSTORE_OPTION,
 )
-from edgepack.cli._output import JSON_OPTION, emit
 from edgepack.cli._progress import byte_progress
 from edgepack.errors import InvalidInputError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from edgepack.cli._output import JSON_OPTION, emit
+from edgepack._cli_output import JSON_OPTION, emit
 from edgepack.hw import HardwareProfile, list_profiles, load_profile, profiles_dir
 
 hw_app = typer.Typer(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from edgepack.cli._output import JSON_OPTION, emit
+from edgepack._cli_output import JSON_OPTION, emit
 from edgepack.keys import (
     generate_recipient_key,
     generate_signing_key,

@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from edgepack import repo
-from edgepack.cli._output import JSON_OPTION, emit
+from edgepack._cli_output import JSON_OPTION, emit
 from edgepack.errors import InvalidInputError
 from edgepack.keys import resolve_passphrase
 

@@ -1,4 +1,9 @@
-"""Output helpers shared by both CLIs: one-line errors, JSON or human output."""
+"""Output helpers shared by both CLIs: one-line errors, JSON or human output.
+
+It sits at the top of the package, outside :mod:`edgepack.cli`, because the device
+agent's command line uses it too: importing it must not import the operator CLI,
+the repository or the builder (tests/agent/test_footprint.py checks this).
+"""
 
 from __future__ import annotations
 
@@ -77,7 +82,10 @@ def new_app(prog: str, summary: str) -> typer.Typer:
         name=prog,
         help=summary,
         no_args_is_help=True,
-        add_completion=False,
+        # -h as well as --help; subcommands inherit it from the root context.
+        context_settings={"help_option_names": ["-h", "--help"]},
+        # typer's --install-completion / --show-completion for bash, zsh, fish, PowerShell.
+        add_completion=True,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
     )
