@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import time
@@ -31,17 +32,25 @@ from device_agent.errors import (
     UnsafeModelError,
 )
 from device_agent.fetcher import AgentFetcher
-from device_agent.outcome import Outcome
+from device_agent.outcome import Outcome, exit_code_of
 from device_agent.slots import Slots
 from device_agent.state import RECOVERY, Journal, Recovery, Revision, State, Update
 from device_agent.tufclient import TufClient
 from edgepack import bundle, versions
 from edgepack._version import __version__
 from edgepack.channel import channel_target_path
-from edgepack.errors import ConflictError, EdgepackError, InvalidInputError, VerificationError
+from edgepack.errors import (
+    ConflictError,
+    EdgepackError,
+    InvalidInputError,
+    KeyFileError,
+    VerificationError,
+)
 
 MAX_ATTEMPTS = 5  # interrupted tries of one release before it is marked failed (crash loop)
 LOCK_NAME = ".lock"
+
+log = logging.getLogger(__name__)
 
 
 class _ReleaseFailedError(Exception):
@@ -114,6 +123,8 @@ class Agent:
             if slots.foreign_current():
                 self._repair(name, "`current` was not a link to one of its revisions")
             action = RECOVERY[mj.state]
+            if action is not Recovery.NOTHING:
+                log.info("%s: recovering from %s: %s", name, mj.state.value, action.value)
             if action is Recovery.FINISH_SWITCH:
                 if mj.update is not None:
                     self._switch_and_commit(name, mj.update.revision)
@@ -171,7 +182,11 @@ class Agent:
             stale = True
             client = None
             reason = f"repository metadata unavailable or expired: {exc}"
-            outcomes = [Outcome(m, "kept", error=reason, checked=False) for m in self.config.models]
+            code = exit_code_of(exc)
+            outcomes = [
+                Outcome(m, "kept", error=reason, checked=False, exit_code=code)
+                for m in self.config.models
+            ]
         if client is not None:
             for name in self.config.models:
                 outcomes.append(self._poll_model(client, name))
@@ -185,16 +200,7 @@ class Agent:
                 and mj.revision_for(mj.update.sha256) is None
             }
             client.clean_downloads(keep)
-        previous = status.load(self.data)
-        doc = status.build(
-            self.config,
-            self.journal,
-            {o.model: o.as_status() for o in outcomes},
-            stale=stale,
-            previous=previous,
-        )
-        with contextlib.suppress(OSError):  # the status file is a report, best effort
-            status.write(self.data, doc)
+        status.update(self.config, self.journal, {o.model: o.as_status() for o in outcomes}, stale)
         return outcomes
 
     def _poll_model(self, client: TufClient, name: str) -> Outcome:
@@ -212,6 +218,10 @@ class Agent:
                 return Outcome(name, "no-release", slots.current(), error="no channel document")
             doc = selection.parse_for(raw, name, self.config.channel, mj.channel_sequence)
             mj.channel_sequence = doc.sequence
+            for version in sorted(set(doc.revoked) - set(mj.revoked)):
+                log.warning(
+                    "%s: the channel revokes %s; it is never installed again", name, version
+                )
             mj.revoked = list(doc.revoked)
             chosen = selection.select(doc, self.device)
             if not chosen.ok or chosen.variant is None or chosen.version is None:
@@ -223,7 +233,9 @@ class Agent:
             return self._apply(client, name, chosen.version, info)
         except (tuf_exc.DownloadError, tuf_exc.RepositoryError, EdgepackError, OSError) as exc:
             self._after_error(client, name, exc)
-            return Outcome(name, "error", slots.current(), error=_describe(exc))
+            return Outcome(
+                name, "error", slots.current(), error=_describe(exc), exit_code=exit_code_of(exc)
+            )
 
     def _after_error(self, client: TufClient, name: str, exc: BaseException) -> None:
         """Clean up after a failed update; the current revision is untouched."""
@@ -276,14 +288,14 @@ class Agent:
             update = Update(info.path, version, sha, info.length, cached, current)
             self.journal.enter(name, State.SWITCHING, update=update)
             self._switch_and_commit(name, cached)
-            return Outcome(name, "rolled-back", cached, version)
+            return Outcome(name, "rolled-back", cached, version, previous=current)
         attempts = mj.update.attempts if mj.update and mj.update.sha256 == sha else 0
         revision = f"{version}-{sha[:12]}"
         update = Update(info.path, version, sha, info.length, revision, current, attempts)
         if attempts >= MAX_ATTEMPTS:
             self._mark_failed(name, version, f"interrupted {MAX_ATTEMPTS} times; giving up")
             self.journal.enter(name, State.IDLE)
-            return Outcome(name, "failed", current, version, error=mj.failed[version])
+            return Outcome(name, "failed", current, version, error=mj.failed[version], exit_code=4)
         credentials = self._credentials()
         try:
             self._install(client, name, update, info, credentials)
@@ -296,8 +308,10 @@ class Agent:
             self.journal.enter(name, State.IDLE)
             self._forget_unknown(name)
             slots.remove_staging()
-            return Outcome(name, "failed", slots.current(), version, error=_describe(exc))
-        return Outcome(name, "installed", revision, version)
+            return Outcome(
+                name, "failed", slots.current(), version, error=_describe(exc), exit_code=4
+            )
+        return Outcome(name, "installed", revision, version, previous=current)
 
     def _install(
         self, client: TufClient, name: str, update: Update, info: Any, credentials: tuple[Any, Any]
@@ -310,12 +324,20 @@ class Agent:
             have = part.stat().st_size if part.exists() else 0
             self._check_space(update.length - have, update.length)
             self.journal.enter(name, State.DOWNLOADING, update=update)
+            log.info(
+                "%s: downloading %s (%d bytes%s)",
+                name,
+                info.path,
+                update.length,
+                f", resuming at {have}" if have else "",
+            )
             try:
                 bundle_path = client.download_bundle(info)
             except tuf_exc.LengthOrHashMismatchError as exc:
                 raise tuf_exc.DownloadError(
                     f"{info.path}: {exc}; the download is discarded"
                 ) from exc
+            log.info("%s: downloaded %s; its TUF length and hashes match", name, info.path)
         else:
             self._check_space(0, update.length)
         self.journal.enter(name, State.VERIFYING, update=update)
@@ -366,6 +388,7 @@ class Agent:
             memory_mb=self.config.limits.health_memory_mb,
         )
         mj.revisions[update.revision].healthy = True
+        log.info("%s: %s passed its health check", name, update.revision)
         self.journal.enter(name, State.SWITCHING)
         self._switch_and_commit(name, update.revision)
 
@@ -404,6 +427,7 @@ class Agent:
             slots.remove(drop)
             mj.revisions.pop(drop, None)
         mj.confirm = None
+        log.warning("%s: repaired: %s; now running %s", name, why, good[0] if good else "nothing")
         mj.repairs.append(f"{why}; now running {good[0] if good else 'nothing'}")
         del mj.repairs[:-5]
         self.journal.save()
@@ -415,6 +439,7 @@ class Agent:
             self.journal.enter(name, State.SWITCHING)
         previous = mj.update.previous if mj.update else slots.current()
         slots.switch(revision)
+        log.debug("%s: switched current to %s (was %s)", name, revision, previous or "nothing")
         if self.config.limits.confirm_window_s > 0 and previous and previous != revision:
             mj.confirm = {
                 "revision": revision,
@@ -475,6 +500,10 @@ class Agent:
         try:
             key = load_recipient_private_key(Path(self.config.recipient_key))
             policy = load_trust_policy(Path(self.config.trust_policy))
+        except KeyFileError as exc:  # a key problem keeps its exit code (5)
+            raise KeyFileError(
+                f"the device's key or trust policy cannot be used: {exc.diagnostics()}"
+            ) from exc
         except EdgepackError as exc:
             raise ConfigError(
                 f"the device's key or trust policy cannot be used: {exc.diagnostics()}"
@@ -535,15 +564,20 @@ class Agent:
         self.journal.enter(name, State.SWITCHING)
         slots.switch(target)
         self.journal.enter(name, State.COMMITTED)
+        log.info("%s: rolled back to %s (was %s): %s", name, target, current, why)
         return target
 
     def revert(self, name: str) -> str:
         """Local rollback: back to the previous known-good revision; pins against the newer."""
-        return self._roll_back(name, "reverted locally with `edgepack-agent revert`")
+        target = self._roll_back(name, "reverted locally with `edgepack-agent revert`")
+        status.update(self.config, self.journal)
+        return target
 
     def report_bad(self, name: str) -> str:
         """The application's verdict: the new model misbehaves; roll back now."""
-        return self._roll_back(name, "reported bad by the application")
+        target = self._roll_back(name, "reported bad by the application")
+        status.update(self.config, self.journal)
+        return target
 
     def confirm(self, name: str) -> str:
         """The application's verdict: the new model works; end the confirmation window."""
@@ -553,6 +587,8 @@ class Agent:
             raise NoRevisionError(f"{name} has no active revision to confirm")
         mj.confirm = None
         self.journal.save()
+        log.info("%s: %s confirmed by the application", name, current)
+        status.update(self.config, self.journal)
         return current
 
     def revisions(self, name: str) -> list[dict[str, Any]]:

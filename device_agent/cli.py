@@ -10,6 +10,7 @@ import typer
 
 from device_agent import config as config_mod
 from edgepack._cli_output import JSON_OPTION, emit, new_app, run_cli
+from edgepack.errors import InvalidInputError
 
 app = new_app("edgepack-agent", "Install and run edgepack models on this device, safely.")
 
@@ -19,6 +20,54 @@ DATA_DIR_OPTION = typer.Option(
     envvar="EDGEPACK_DATA_DIR",
     help="The agent's data directory (default /var/lib/edgepack).",
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from edgepack._version import __version__
+
+        typer.echo(f"edgepack-agent {__version__}")
+        raise typer.Exit(0)
+
+
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_show_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+    verbose: int = typer.Option(
+        0, "-v", "--verbose", count=True, show_default=False, help="Log more on stderr (-v: debug)."
+    ),
+    quiet: int = typer.Option(
+        0,
+        "-q",
+        "--quiet",
+        count=True,
+        show_default=False,
+        help="Log less on stderr (-q: no info, -qq: errors only).",
+    ),
+    log_level: str | None = typer.Option(
+        None,
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning or error (overrides -v and -q).",
+    ),
+) -> None:
+    """Install and run edgepack models on this device, safely."""
+    from device_agent import logs
+
+    if log_level is not None and log_level.lower() not in logs.LEVELS:
+        raise InvalidInputError(
+            f"unknown log level {log_level!r}", hint=f"use one of {', '.join(logs.LEVELS)}"
+        )
+    logs.configure(logs.level_for(verbose, quiet, log_level))
+
+
+# Replaces new_app's callback (same --version) to add the logging options of every command.
+app.callback()(_root)
 
 
 def _agent(data_dir: Path | None) -> Any:
@@ -85,6 +134,7 @@ def run(
 ) -> None:
     """Poll the repository and keep the followed models up to date."""
     from device_agent import loop
+    from device_agent import outcome as outcome_mod
 
     agent = _agent(data_dir)
     if not once:
@@ -104,6 +154,9 @@ def run(
             typer.echo(o.describe())
 
     emit(data, as_json, human)
+    code = outcome_mod.exit_code(outcomes)
+    if code:  # the reasons are on stderr already, logged by the poll
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -118,12 +171,69 @@ def status(data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION)
     doc = status_mod.load(data) or status_mod.build(cfg, Journal.load(data), {}, stale=False)
 
     def human() -> None:
-        typer.echo(f"device {doc.get('device_id', '?')}  stale: {doc.get('stale', False)}")
+        fresh = "stale (the repository could not be refreshed)" if doc.get("stale") else "fresh"
+        typer.echo(f"device {doc.get('device_id', '?')}  {fresh}")
         for name, m in sorted(doc.get("models", {}).items()):
+            notes = [str(m.get("state"))]
+            if m.get("awaiting_confirmation"):
+                notes.append("awaiting confirmation")
             err = f"  error: {m['last_error']}" if m.get("last_error") else ""
-            typer.echo(f"{name}: {m.get('version') or '-'} ({m.get('state')}){err}")
+            typer.echo(
+                f"{name}: {m.get('revision') or 'nothing running'} ({', '.join(notes)}){err}"
+            )
 
     emit(doc, as_json, human)
+
+
+@app.command()
+def check(
+    max_stale: float | None = typer.Option(
+        None,
+        "--max-stale",
+        metavar="SECONDS",
+        help="Oldest acceptable last successful check (default: 3 poll intervals).",
+    ),
+    data_dir: Path | None = DATA_DIR_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """For a monitoring timer: exit 0 when every model is healthy, else a documented code.
+
+    Reads DATA/status.json only (no network, no lock).
+    """
+    import time
+
+    from device_agent import status as status_mod
+    from device_agent.state import Journal
+
+    data = config_mod.resolve_data_dir(data_dir)
+    cfg = config_mod.load(data)
+    doc = status_mod.load(data) or status_mod.build(cfg, Journal.load(data), {}, stale=False)
+    bound = max_stale if max_stale is not None else 3 * cfg.limits.poll_interval_s
+    if bound < 0:
+        raise InvalidInputError(f"--max-stale {bound:g} is negative")
+    now = time.time()
+    problems = status_mod.check(cfg, doc, max_stale_s=bound, now=now)
+    code = problems[0].code if problems else 0
+    models = doc.get("models", {})
+    report = {
+        "healthy": not problems,
+        "exit_code": code,
+        "max_stale_s": bound,
+        "problems": [{"model": p.model, "code": p.code, "problem": p.what} for p in problems],
+        "models": {n: models.get(n, {}).get("revision") for n in cfg.models},
+    }
+
+    def human() -> None:
+        for p in problems:
+            typer.echo(f"{p.model}: {p.what}")
+        if not problems:
+            for n in cfg.models:
+                last = models.get(n, {}).get("last_check")
+                typer.echo(f"ok: {n} runs {models[n]['revision']}, checked {now - last:.0f} s ago")
+
+    emit(report, as_json, human)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("list")

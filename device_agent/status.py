@@ -1,12 +1,16 @@
 """The status document: what each model runs, when it was checked, what went wrong.
 
 ``edgepack-agent status --json`` prints it and the agent writes it to
-``DATA/status.json`` after each poll, atomically, for other tools to read.
+``DATA/status.json`` after each poll and each local verdict (revert, confirm,
+report-bad), atomically, for other tools to read. :func:`check` judges it for
+``edgepack-agent check``, a monitoring timer's question "is this device fine?".
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,13 @@ def build(
     *,
     stale: bool,
     previous: dict[str, Any] | None = None,
+    polled: bool | None = None,
 ) -> dict[str, Any]:
-    """Assemble the status of every followed model from the journal and the last poll."""
+    """Assemble the status of every followed model from the journal and the last poll.
+
+    ``polled`` says whether this document follows a poll (``last_poll`` is now);
+    by default, when there are poll results or the poll found the repository stale.
+    """
     previous = previous or {}
     old_models = previous.get("models", {})
     models: dict[str, Any] = {}
@@ -52,6 +61,7 @@ def build(
                 "failed_releases": dict(mj.failed),
                 "failed_bundles": dict(mj.failed_bundles),
                 "awaiting_confirmation": mj.confirm is not None,
+                "confirm_deadline": float(mj.confirm["deadline"]) if mj.confirm else None,
                 "repairs": list(mj.repairs),
                 "pending": (
                     mj.update.version
@@ -68,7 +78,9 @@ def build(
         "device_id": config.device_id,
         "channel": config.channel,
         "stale": stale,
-        "last_poll": time.time() if poll or stale else previous.get("last_poll"),
+        "last_poll": time.time()
+        if (polled if polled is not None else bool(poll or stale))
+        else previous.get("last_poll"),
         "models": models,
     }
 
@@ -76,3 +88,85 @@ def build(
 def write(data_dir: Path, document: dict[str, Any]) -> None:
     """Write ``DATA/status.json`` atomically."""
     _atomic.write_json(data_dir / STATUS_NAME, document)
+
+
+def update(
+    config: AgentConfig,
+    journal: Journal,
+    poll: dict[str, dict[str, Any]] | None = None,
+    stale: bool | None = None,
+) -> None:
+    """Rewrite ``DATA/status.json`` from the journal: after a poll with its results and
+    staleness, or (``poll`` None) after a local verdict, keeping the last poll's facts.
+
+    Best effort: the status file is a report, and a full disk must not undo a verdict.
+    """
+    previous = load(config.data_dir)
+    if poll is None:
+        doc = build(
+            config, journal, {}, stale=bool(previous.get("stale")), previous=previous, polled=False
+        )
+    else:
+        doc = build(config, journal, poll, stale=bool(stale), previous=previous)
+    with contextlib.suppress(OSError):
+        write(config.data_dir, doc)
+
+
+# Exit codes of `edgepack-agent check`, most severe first (docs/agent.md, "Exit codes").
+NO_REVISION, INSTALL_FAILED, CONFIRM_OVERDUE, STALE = 3, 4, 6, 7
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a device is not healthy, with the exit code it stands for."""
+
+    model: str
+    code: int
+    what: str
+
+
+def check(
+    config: AgentConfig, document: dict[str, Any], *, max_stale_s: float, now: float
+) -> list[Problem]:
+    """What is wrong with the device by its status document, most severe first.
+
+    A model is unhealthy when it runs nothing (3), its last install was refused (4),
+    its confirmation window has passed with no verdict and no rollback (6: the
+    agent is not polling), or its last successful check is older than
+    ``max_stale_s`` or missing (7). A stale poll within the bound is not a problem:
+    the loop backs off and retries.
+    """
+    problems: list[Problem] = []
+    models = document.get("models", {})
+    for name in config.models:
+        m = models.get(name, {})
+        error = f": {m['last_error']}" if m.get("last_error") else ""
+        if not m.get("revision"):
+            problems.append(Problem(name, NO_REVISION, f"no model running{error}"))
+        if m.get("last_action") == "failed":
+            problems.append(Problem(name, INSTALL_FAILED, f"the last install failed{error}"))
+        deadline = m.get("confirm_deadline")
+        if m.get("awaiting_confirmation") and isinstance(deadline, int | float) and now > deadline:
+            problems.append(
+                Problem(
+                    name,
+                    CONFIRM_OVERDUE,
+                    f"{m.get('revision')} awaits confirmation {now - deadline:.0f} s past its "
+                    "window and was not rolled back (is the agent polling?)",
+                )
+            )
+        last = m.get("last_check")
+        if not isinstance(last, int | float):
+            problems.append(Problem(name, STALE, "never checked against the repository"))
+        elif now - last > max_stale_s:
+            problems.append(
+                Problem(
+                    name,
+                    STALE,
+                    f"last checked {now - last:.0f} s ago (bound {max_stale_s:g} s){error}",
+                )
+            )
+    return sorted(problems, key=lambda p: (_SEVERITY.index(p.code), p.model))
+
+
+_SEVERITY = (NO_REVISION, INSTALL_FAILED, CONFIRM_OVERDUE, STALE)

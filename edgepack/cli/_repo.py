@@ -175,9 +175,23 @@ def status_command(
     workdir: Path = typer.Argument(..., help="The repository."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Roles, versions, expiries (with early warnings), models, releases, channels."""
+    """Roles, versions, expiries (with early warnings), models, releases, channels.
+
+    Exits 4 when a role has expired (devices refuse the repository until it is
+    re-signed), so a monitoring timer can run it; a role inside its warning window
+    is a warning on stderr and exit 0.
+    """
     report = repo.open_status(workdir)
     emit(report, as_json, lambda: _print_status(report))
+    expired = [r["role"] for r in report["roles"] if r["state"] == "expired"]
+    if expired:
+        from edgepack.errors import VerificationError
+
+        raise VerificationError(
+            f"expired: {', '.join(expired)} (devices refuse this repository's metadata)",
+            hint="re-sign with `edgepack repo refresh WORKDIR --force` "
+            "(or `--role ROLE` for root, targets, operators and model roles)",
+        )
 
 
 def _print_status(report: dict[str, Any]) -> None:
