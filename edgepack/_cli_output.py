@@ -25,7 +25,8 @@ def run_cli(app: typer.Typer, prog: str, argv: list[str]) -> int:
     escapes is a bug; it is reported in one line too, never as a traceback.
     """
     try:
-        app(args=argv, prog_name=prog, standalone_mode=False)
+        # Without standalone mode click returns a ``typer.Exit(code)``'s code, not raise it.
+        result = app(args=argv, prog_name=prog, standalone_mode=False)
     except EdgepackError as exc:
         typer.echo(f"{prog}: error: {exc.diagnostics()}", err=True)
         return exc.exit_code
@@ -54,7 +55,7 @@ def run_cli(app: typer.Typer, prog: str, argv: list[str]) -> int:
         if _debug():
             raise
         return 1
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def _debug() -> bool:
