@@ -1,33 +1,63 @@
-"""Enrolment: pin the trusted root, make or take the device key, write the configuration."""
+"""Enrolment: pin the trusted root, make the device's identity, take its recipient key,
+write the configuration.
+
+Two keys, two jobs. The *identity* (``DATA/keys/identity.key``, Ed25519, made here
+and never leaving the device) names the device: its id, and so its rollout bucket,
+is derived from the identity's public key, so devices that share a fleet's
+recipient key still each have their own id, and a 10 % rollout reaches about 10 %
+of them. The *recipient* key (X25519) decrypts bundles: the device's own pair
+``DATA/keys/device.key|.pub``, or a copy of a key the operator hands over with
+``--recipient-key`` (``DATA/keys/recipient.key``, bytes as given, so an encrypted
+key stays encrypted).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass
+import sys
+import urllib.parse
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from device_agent import config as config_mod
 from device_agent import tufclient
 from device_agent.config import AgentConfig, Limits
 from edgepack import keys
-from edgepack.errors import InvalidInputError
+from edgepack.errors import EdgepackError, InvalidInputError, KeyFileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the agent's minimum is 3.10
+    import tomli as tomllib
 
 KEYS_DIR = "keys"
-KEY_STEM = "device"
+KEY_STEM = "device"  # the device's own recipient pair (the name predates the identity key)
+RECIPIENT_STEM = "recipient"  # the copy of a key given with --recipient-key
+IDENTITY_STEM = "identity"
 TRUST_NAME = "trust-policy"
 
 
 @dataclass(frozen=True)
 class Enrolment:
-    """What enrolment produced."""
+    """What enrolment produced.
+
+    ``public_key`` is the recipient public key (a builder's ``--recipient``);
+    ``identity_key`` the identity's public key file, ``identity`` its raw bytes
+    in hex. ``cleared`` lists the failure marks forgotten because the key, trust
+    policy, profile or channel changed (``model: what``).
+    """
 
     device_id: str
     public_key: Path
     config_path: Path
     warnings: tuple[str, ...] = ()
+    identity_key: Path = Path()
+    identity: str = ""
+    cleared: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _check_profile(profile: str) -> tuple[str, ...]:
@@ -53,15 +83,188 @@ def _check_profile(profile: str) -> tuple[str, ...]:
 
 
 def device_id_for(public_raw: bytes) -> str:
-    """A stable id derived from the device's public key (same key, same id)."""
+    """A stable id derived from the device's identity public key (same key, same id)."""
     return "dev-" + hashlib.sha256(b"edgepack-device-id\x00" + public_raw).hexdigest()[:20]
 
 
 def _urls(repo_url: str) -> tuple[str, str]:
+    """The metadata and targets URLs of ``repo_url``, refusing what no fetcher could read.
+
+    Accepted: ``http://`` and ``https://`` with a host, ``file://`` with a path,
+    or an existing directory (an offline copy of the repository's ``public/``).
+    """
     if "://" not in repo_url:
-        repo_url = Path(repo_url).absolute().as_uri()  # an offline copy of the repository
+        path = Path(repo_url)
+        if not path.is_dir():
+            raise InvalidInputError(
+                f"--repo-url {repo_url!r} is neither a URL nor an existing directory",
+                hint="give http(s)://HOST/…, file:///PATH or the directory of a repository copy",
+            )
+        repo_url = path.absolute().as_uri()
+    try:
+        parts = urllib.parse.urlsplit(repo_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise InvalidInputError(f"--repo-url {repo_url!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https") and not parts.hostname:
+        raise InvalidInputError(f"--repo-url {repo_url!r} names no host")
+    if scheme == "file" and not parts.path:
+        raise InvalidInputError(f"--repo-url {repo_url!r} names no directory")
+    if scheme not in ("http", "https", "file"):
+        raise InvalidInputError(
+            f"--repo-url {repo_url!r}: the agent reads http://, https:// or file:// only"
+        )
     base = repo_url.rstrip("/")
     return f"{base}/metadata/", f"{base}/targets/"
+
+
+def _previous(data_dir: Path) -> AgentConfig | None:
+    """The enrolment this one replaces, when ``config.toml`` can still be read.
+
+    A configuration the agent would refuse (re-enrolling is how it is mended)
+    still gives its device id, so the device keeps its name and its buckets.
+    """
+    try:
+        return config_mod.load(data_dir)
+    except EdgepackError:
+        pass
+    try:
+        raw = tomllib.loads((data_dir / config_mod.CONFIG_NAME).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    device_id = raw.get("device_id")
+    if not isinstance(device_id, str) or not device_id:
+        return None
+    return AgentConfig(data_dir=data_dir, device_id=device_id, metadata_url="", targets_url="")
+
+
+def _identity(keys_dir: Path) -> tuple[bytes, Path]:
+    """The device's Ed25519 identity (raw public bytes, ``.pub`` path), made on first use.
+
+    Kept on re-enrolment: it is what makes the device the same device. The
+    private key is not encrypted — it never leaves the device and the agent
+    must use it unattended — but it is 0600 inside the 0700 keys folder.
+    """
+    private_path = keys_dir / f"{IDENTITY_STEM}.key"
+    public_path = keys_dir / f"{IDENTITY_STEM}.pub"
+    if private_path.exists():
+        data = private_path.read_bytes()
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            key = None
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise KeyFileError(
+                f"{private_path} is not an unencrypted Ed25519 identity key",
+                hint="restore it from a backup; deleting it gives this device a new id",
+            )
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        keys.write_private_file(private_path, pem)
+    public = key.public_key()
+    pub_pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if not public_path.is_file() or public_path.read_bytes() != pub_pem:
+        keys.write_public_file(public_path, pub_pem)
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw, public_path
+
+
+def _recipient(
+    keys_dir: Path, given: Path | None, passphrase_env: str | None
+) -> tuple[Path, Path]:
+    """The recipient key the device decrypts with: (private key path, public key path).
+
+    With ``given``: its bytes are copied to ``keys/recipient.key`` (0600; an
+    encrypted key stays encrypted, its passphrase is needed now only to check
+    it and write ``keys/recipient.pub``), so the device no longer depends on a
+    file outside DATA. Without: the device's own pair ``keys/device.key|.pub``,
+    made on first use and kept; a ``device.pub`` that does not match
+    ``device.key`` (left by an older enrolment) is written again from the key.
+    """
+    if given is not None:
+        private = keys.load_recipient_private_key(given, passphrase_env)
+        data = given.read_bytes()
+        key_path = keys_dir / f"{RECIPIENT_STEM}.key"
+        pub_path = keys_dir / f"{RECIPIENT_STEM}.pub"
+        keys.write_private_file(key_path, data)
+    else:
+        key_path = keys_dir / f"{KEY_STEM}.key"
+        pub_path = keys_dir / f"{KEY_STEM}.pub"
+        if key_path.exists():
+            private = keys.load_recipient_private_key(key_path, passphrase_env)
+        else:
+            private = keys.generate_recipient_key()
+            keys.write_private_file(key_path, keys.private_pem(private, None))
+    pem = keys.public_pem(private.public_key())
+    if not pub_path.is_file() or pub_path.read_bytes() != pem:
+        keys.write_public_file(pub_path, pem)
+    return key_path, pub_path
+
+
+def _trust(keys_dir: Path, trust: Path | None) -> str:
+    """Where the configuration finds the producer trust policy ('' for none)."""
+    if trust is None:
+        return ""
+    try:
+        is_key = b"-----BEGIN PUBLIC KEY-----" in trust.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the trust policy {trust}: {exc}") from None
+    if is_key:  # a single producer key: keep a copy, so the device stands alone
+        dest = keys_dir / f"{TRUST_NAME}.pub"
+        if trust.absolute() != dest.absolute():
+            shutil.copyfile(trust, dest)
+        return str(dest)
+    return str(trust.absolute())  # a policy file names its keys relative to itself
+
+
+def _digest(path: str) -> str:
+    """sha256 of a file's bytes ('' when there is no file), to see whether it changed."""
+    if not path:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _decides_failures(cfg: AgentConfig) -> tuple[str, str, str, str]:
+    """What a release's refusal here may have depended on: the recipient key, the trust
+    policy (by content: their copies in DATA keep their names), profile and channel."""
+    return (
+        _digest(cfg.recipient_key),
+        _digest(cfg.trust_policy),
+        cfg.profile,
+        cfg.channel,
+    )
+
+
+def _forget_failures(data_dir: Path, profile_changed: bool) -> tuple[str, ...]:
+    """Clear the failure marks a changed enrolment may have caused (the caller holds the lock).
+
+    Refused bundles always (decryption, signature, profile fit); failed versions
+    too when the profile changed, since its health budgets judged them.
+    """
+    from device_agent.state import Journal
+
+    journal = Journal.load(data_dir)
+    if journal.recovered:  # a damaged journal: the agent rebuilds it, leave it be
+        return ()
+    cleared = [
+        f"{name}: {item}"
+        for name, mj in journal.models.items()
+        for item in mj.forget_failures(versions=profile_changed)
+    ]
+    if cleared:
+        journal.save()
+    return tuple(cleared)
 
 
 def enroll(
@@ -76,72 +279,84 @@ def enroll(
     trust: Path | None = None,
     recipient_key: Path | None = None,
     limits: Limits | None = None,
+    passphrase_env: str | None = None,
 ) -> Enrolment:
     """Enrol this device; everything written stays inside ``data_dir``.
 
     ``models`` must name at least one model: the repository has no list of models
     a device could follow by itself, and a device that follows nothing would poll
     for ever and install nothing without saying so.
+
+    Re-enrolling keeps the identity and device id, the hand-set ``[limits]``
+    (unless ``limits`` is given) and the other settings of ``config.toml`` that
+    enrolment does not set; when the recipient key, trust policy, profile or
+    channel changes, the failure marks they may have caused are cleared, so the
+    next poll tries those releases again. It holds ``DATA/.lock``: a running
+    poll finishes first (restart a running daemon afterwards; it read its
+    configuration at start).
     """
+    from device_agent.agent import locked
+
     if not models:
         raise InvalidInputError(
             "name at least one model to follow, e.g. --model digits (repeat for more)"
         )
     config_mod.check_names(models, channel, cohort)  # they become paths the agent deletes
+    metadata_url, targets_url = _urls(repo_url)
     warnings = _check_profile(profile)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o750)  # the agent's user and the applications' group only
     try:
         root_bytes = root.read_bytes()
     except OSError as exc:
         raise InvalidInputError(f"cannot read the root metadata {root}: {exc}") from None
     try:
-        tufclient.pin_root(data_dir, root_bytes)
-    except Exception as exc:
-        raise InvalidInputError(f"{root} is not TUF root metadata: {exc}") from None
-    keys_dir = data_dir / KEYS_DIR
-    keys_dir.mkdir(mode=0o700, exist_ok=True)
-    if recipient_key is not None:
-        private = keys.load_recipient_private_key(recipient_key)
-        key_path = recipient_key.absolute()
-        pub_path = keys_dir / f"{KEY_STEM}.pub"
-        keys.write_public_file(pub_path, keys.public_pem(private.public_key()))
-    else:
-        key_path = keys_dir / f"{KEY_STEM}.key"
-        pub_path = keys_dir / f"{KEY_STEM}.pub"
-        if key_path.exists():  # re-enrolment keeps the device's identity
-            private = keys.load_recipient_private_key(key_path)
-        else:
-            private = keys.generate_recipient_key()
-            keys.write_recipient_keypair(keys_dir / KEY_STEM, private)
-    raw = private.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    trust_path = ""
-    if trust is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o750)  # the agent's user and the applications' group only
+    except OSError as exc:  # e.g. enrolling as the agent's user before /var/lib/edgepack exists
+        raise InvalidInputError(
+            f"cannot prepare the data directory {data_dir}: {exc.strerror or exc}; create it "
+            "owned by the agent's user first (packaging/tmpfiles.d/edgepack.conf does) or "
+            "enrol as its owner"
+        ) from None
+    with locked(data_dir):
+        previous = _previous(data_dir)
+        before = _decides_failures(previous) if previous and previous.metadata_url else None
         try:
-            is_key = b"-----BEGIN PUBLIC KEY-----" in trust.read_bytes()
-        except OSError as exc:
-            raise InvalidInputError(f"cannot read the trust policy {trust}: {exc}") from None
-        if is_key:  # a single producer key: keep a copy, so the device stands alone
-            dest = keys_dir / f"{TRUST_NAME}.pub"
-            shutil.copyfile(trust, dest)
-            trust_path = str(dest)
-        else:  # a policy file names its keys relative to itself: keep it where it is
-            trust_path = str(trust.absolute())
-    metadata_url, targets_url = _urls(repo_url)
-    cfg = AgentConfig(
-        data_dir=data_dir,
-        device_id=device_id_for(raw),
-        metadata_url=metadata_url,
-        targets_url=targets_url,
-        models=list(dict.fromkeys(models)),
-        channel=channel,
-        cohort=cohort,
-        profile=profile,
-        trust_policy=trust_path,
-        recipient_key=str(key_path),
-        limits=limits or Limits(),
+            tufclient.pin_root(data_dir, root_bytes)
+        except Exception as exc:
+            raise InvalidInputError(f"{root} is not TUF root metadata: {exc}") from None
+        keys_dir = data_dir / KEYS_DIR
+        keys_dir.mkdir(mode=0o700, exist_ok=True)
+        identity_raw, identity_pub = _identity(keys_dir)
+        key_path, pub_path = _recipient(keys_dir, recipient_key, passphrase_env)
+        settings = {
+            "metadata_url": metadata_url,
+            "targets_url": targets_url,
+            "models": list(dict.fromkeys(models)),
+            "channel": channel,
+            "cohort": cohort,
+            "profile": profile,
+            "trust_policy": _trust(keys_dir, trust),
+            "recipient_key": str(key_path),
+        }
+        if previous is not None and previous.metadata_url:
+            # Re-enrolment: the same device, its hand-set limits and other settings kept.
+            cfg = replace(previous, limits=limits or previous.limits, **settings)
+        else:
+            device_id = previous.device_id if previous else device_id_for(identity_raw)
+            cfg = AgentConfig(
+                data_dir=data_dir, device_id=device_id, limits=limits or Limits(), **settings
+            )
+        config_mod.save(cfg)
+        cleared: tuple[str, ...] = ()
+        after = _decides_failures(cfg)
+        if before is not None and before != after:
+            cleared = _forget_failures(data_dir, profile_changed=before[2] != after[2])
+    return Enrolment(
+        cfg.device_id,
+        pub_path,
+        cfg.config_path,
+        warnings,
+        identity_pub,
+        identity_raw.hex(),
+        cleared,
     )
-    config_mod.save(cfg)
-    return Enrolment(cfg.device_id, pub_path, cfg.config_path, warnings)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, the services the end-to-end tests start on
-# loopback: nginx (a production web server in front of the repository). The tests
-# start and stop their own instances; the system one the package starts is stopped.
+# loopback: nginx (a production web server in front of the repository), and the tools
+# tests/agent/test_packaging.py checks the systemd unit with (systemd-analyze,
+# systemd-sysusers, systemd-tmpfiles: Debian's systemd; no systemd needs to run). The
+# tests start and stop their own nginx; the system one the package starts is stopped.
 # Idempotent: quiet when everything is present. Needs root or passwordless sudo;
 # without either it says in one line which tests will skip, and exits 0.
 #
@@ -10,7 +12,7 @@ set -euo pipefail
 
 # tool:package for every program the tests start (EDGEPACK_SERVICES, space-separated,
 # replaces the list: the tests use it to exercise the skip path).
-read -r -a SERVICES <<<"${EDGEPACK_SERVICES:-nginx:nginx}"
+read -r -a SERVICES <<<"${EDGEPACK_SERVICES:-nginx:nginx systemd-analyze:systemd}"
 
 if [ "${1:-}" = "--packages" ]; then
     for spec in "${SERVICES[@]}"; do echo "${spec#*:}"; done | sort -u
