@@ -93,10 +93,41 @@ class Agent:
         self.config = config
         self.data = config.data_dir
         self.clock = clock
-        self.fetcher = fetcher or AgentFetcher(config.limits, tmp_dir=self.data / "downloads")
+        self.fetcher = fetcher or AgentFetcher(
+            config.limits,
+            tmp_dir=self.data / "downloads",
+            ca_file=config.ca_file,
+            proxy=config.proxy,
+        )
         self.journal = Journal.load(self.data)
         self.device = selection.Device.from_config(config)
         self._scrubbed: dict[tuple[str, str], float] = {}
+        self._recipient: Any = None  # the recipient key once unlock() opened it
+        self.passphrase_env: str | None = None
+
+    def unlock(self, passphrase_env: str | None = None) -> None:
+        """Open the device's recipient key now, once, and keep it for every poll.
+
+        ``run`` calls this before its first poll, so a key the agent cannot open —
+        above all a passphrase-locked key with no passphrase (``--passphrase-env
+        VAR``, ``$EDGEPACK_PASSPHRASE`` or the systemd credential
+        ``edgepack-passphrase``) — stops the agent at start with a
+        :class:`KeyFileError` (exit 5) instead of failing every poll quietly; a
+        prompt on a terminal is asked once, not at every install.
+        """
+        from edgepack.keys import load_recipient_private_key
+
+        self.passphrase_env = passphrase_env
+        if not self.config.recipient_key:
+            return
+        try:
+            self._recipient = load_recipient_private_key(
+                Path(self.config.recipient_key), passphrase_env
+            )
+        except KeyFileError as exc:
+            raise KeyFileError(
+                f"the device's recipient key cannot be used: {exc.diagnostics()}"
+            ) from None
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -498,7 +529,9 @@ class Agent:
                 hint="enrol again with --trust POLICY (a policy file or a producer .pub)",
             )
         try:
-            key = load_recipient_private_key(Path(self.config.recipient_key))
+            key = self._recipient or load_recipient_private_key(
+                Path(self.config.recipient_key), self.passphrase_env
+            )
             policy = load_trust_policy(Path(self.config.trust_policy))
         except KeyFileError as exc:  # a key problem keeps its exit code (5)
             raise KeyFileError(
@@ -590,6 +623,25 @@ class Agent:
         log.info("%s: %s confirmed by the application", name, current)
         status.update(self.config, self.journal)
         return current
+
+    def retry(self, name: str) -> list[str]:
+        """Forget that releases of ``name`` failed here, so the next poll tries them again.
+
+        For a failure that was the device's own doing (a key or trust policy mended
+        since, a full disk, a health budget): the marks of the release versions and
+        bundles refused here, and the count of interrupted tries, are cleared. The
+        running revision is not touched. Returns the versions and bundles forgotten.
+        """
+        if name not in self.config.models:
+            raise InvalidInputError(
+                f"{name!r} is not a model this device follows",
+                hint=f"it follows {', '.join(self.config.models) or 'nothing'}",
+            )
+        cleared = self.journal.model(name).forget_failures()
+        self.journal.save()
+        log.info("%s: failure marks cleared by `retry`: %s", name, ", ".join(cleared) or "none")
+        status.update(self.config, self.journal)
+        return cleared
 
     def revisions(self, name: str) -> list[dict[str, Any]]:
         """Installed revisions of a model with their facts (for ``list``)."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from device_agent import cli_enroll
 from device_agent import config as config_mod
 from edgepack._cli_output import JSON_OPTION, emit, new_app, run_cli
 from edgepack.errors import InvalidInputError
@@ -68,6 +69,7 @@ def _root(
 
 # Replaces new_app's callback (same --version) to add the logging options of every command.
 app.callback()(_root)
+cli_enroll.register(app)  # enroll first in the help, then run, status, …; and retry
 
 
 def _agent(data_dir: Path | None) -> Any:
@@ -80,55 +82,9 @@ def _agent(data_dir: Path | None) -> Any:
 
 
 @app.command()
-def enroll(
-    repo_url: str = typer.Option(..., "--repo-url", help="Repository URL, or a directory copy."),
-    root: Path = typer.Option(..., "--root", help="The repository's trusted root.json."),
-    model: list[str] = typer.Option(
-        ..., "--model", help="A model to follow (required; repeat for more)."
-    ),
-    channel: str = typer.Option("stable", "--channel", help="stable, candidate, beta or edge."),
-    cohort: str = typer.Option("", "--cohort", help="Rollout cohort of this device."),
-    profile: str = typer.Option("auto", "--profile", help="Hardware profile, or auto."),
-    trust: Path | None = typer.Option(None, "--trust", help="Producer trust policy or .pub."),
-    recipient_key: Path | None = typer.Option(
-        None, "--recipient-key", help="Use this X25519 key instead of generating one."
-    ),
-    data_dir: Path | None = DATA_DIR_OPTION,
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Pin the trusted root, make the device key, write the configuration."""
-    from device_agent.enroll import enroll as do_enroll
-
-    result = do_enroll(
-        config_mod.resolve_data_dir(data_dir),
-        repo_url=repo_url,
-        root=root,
-        models=model,
-        channel=channel,
-        cohort=cohort,
-        profile=profile,
-        trust=trust,
-        recipient_key=recipient_key,
-    )
-    data = {
-        "device_id": result.device_id,
-        "public_key": str(result.public_key),
-        "config": str(result.config_path),
-        "warnings": list(result.warnings),
-    }
-    for warning in result.warnings:
-        typer.echo(f"edgepack-agent: warning: {warning}", err=True)
-
-    def human() -> None:
-        typer.echo(f"device id:  {result.device_id}")
-        typer.echo(f"public key: {result.public_key}")
-
-    emit(data, as_json, human)
-
-
-@app.command()
 def run(
     once: bool = typer.Option(False, "--once", help="Poll once and exit."),
+    passphrase_env: str | None = cli_enroll.PASSPHRASE_ENV_OPTION,
     data_dir: Path | None = DATA_DIR_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -137,6 +93,7 @@ def run(
     from device_agent import outcome as outcome_mod
 
     agent = _agent(data_dir)
+    agent.unlock(passphrase_env)  # a key it cannot open stops it here, exit 5
     if not once:
         import signal
         import threading

@@ -177,9 +177,7 @@ def _identity(keys_dir: Path) -> tuple[bytes, Path]:
     return raw, public_path
 
 
-def _recipient(
-    keys_dir: Path, given: Path | None, passphrase_env: str | None
-) -> tuple[Path, Path]:
+def _recipient(keys_dir: Path, given: Path | None, passphrase_env: str | None) -> tuple[Path, Path]:
     """The recipient key the device decrypts with: (private key path, public key path).
 
     With ``given``: its bytes are copied to ``keys/recipient.key`` (0600; an

@@ -127,6 +127,22 @@ class ModelJournal:
         good = [(r.installed_at, name) for name, r in self.revisions.items() if r.healthy]
         return [name for _, name in sorted(good)]
 
+    def forget_failures(self, *, versions: bool = True) -> list[str]:
+        """Clear the marks of releases that failed here (``retry``, a changed enrolment).
+
+        The refused bundles always; the failed versions (health, verdicts, crash
+        loops) when ``versions``, with the count of interrupted tries. Returns
+        what was cleared: versions as they are, bundles as ``sha256:`` and 12 hex.
+        """
+        cleared = [f"sha256:{sha[:12]}" for sha in self.failed_bundles]
+        self.failed_bundles.clear()
+        if versions:
+            cleared = [*self.failed, *cleared]
+            self.failed.clear()
+            if self.update is not None:
+                self.update.attempts = 0
+        return cleared
+
     def revision_for(self, sha256: str) -> str | None:
         """The known-good installed revision of a bundle, if any."""
         for name, rev in self.revisions.items():

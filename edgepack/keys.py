@@ -2,9 +2,11 @@
 
 Private keys are PKCS#8 PEM, written 0600 (atomically), encrypted when a
 passphrase is given. Passphrases come from the environment variable the user
-names (``--passphrase-env VAR``, default ``EDGEPACK_PASSPHRASE``) or from a
-prompt on a terminal; with neither and no terminal we fail with a clear error
-instead of hanging on a prompt nobody can answer.
+names (``--passphrase-env VAR``, default ``EDGEPACK_PASSPHRASE``), else from the
+systemd credential ``edgepack-passphrase`` (``LoadCredential=`` puts it in
+``$CREDENTIALS_DIRECTORY``, readable by the service alone and never in its
+environment), else from a prompt on a terminal; with none of them we fail with a
+clear error instead of hanging on a prompt nobody can answer.
 """
 
 from __future__ import annotations
@@ -27,9 +29,44 @@ if TYPE_CHECKING:
     from edgepack.signing import ProducerKeySigner
 
 DEFAULT_PASSPHRASE_ENV = "EDGEPACK_PASSPHRASE"
+# The name of the systemd credential that holds the passphrase (LoadCredential=NAME:FILE).
+PASSPHRASE_CREDENTIAL = "edgepack-passphrase"
+NO_PASSPHRASE_HINT = (
+    f"set ${DEFAULT_PASSPHRASE_ENV}, name a variable with --passphrase-env, or under systemd "
+    f"hand it over with LoadCredential={PASSPHRASE_CREDENTIAL}:FILE"
+)
 KeyKind = Literal["signing", "recipient"]
 
 _MAX_KEY_FILE = 64 * 1024
+
+
+def credential_passphrase() -> bytes | None:
+    """The systemd credential ``edgepack-passphrase``, if the service was given one.
+
+    systemd's ``LoadCredential=edgepack-passphrase:FILE`` copies FILE to
+    ``$CREDENTIALS_DIRECTORY/edgepack-passphrase``; one trailing newline (what an
+    editor or ``echo`` leaves) is not part of the passphrase.
+    """
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / PASSPHRASE_CREDENTIAL
+    try:
+        with open(path, "rb") as handle:
+            value = handle.read(_MAX_KEY_FILE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the credential {path}: {exc.strerror}") from None
+    if len(value) > _MAX_KEY_FILE:
+        raise KeyFileError(f"the credential {path} is too large to be a passphrase")
+    if value.endswith(b"\r\n"):
+        value = value[:-2]
+    elif value.endswith(b"\n"):
+        value = value[:-1]
+    if not value:
+        raise KeyFileError(f"the credential {path} is empty", hint="put the passphrase in it")
+    return value
 
 
 def resolve_passphrase(
@@ -38,11 +75,16 @@ def resolve_passphrase(
     purpose: str,
     required: bool,
     confirm: bool = False,
+    missing_hint: str | None = None,
 ) -> bytes | None:
     """Find the passphrase for ``purpose`` by the shared rules.
 
-    ``required`` is true when opening an encrypted key (we must have one) and
-    false when creating a key (no passphrase means an unencrypted key).
+    The order: the variable ``--passphrase-env`` names (which must then be
+    set), ``$EDGEPACK_PASSPHRASE``, the systemd credential, a prompt on a
+    terminal. ``required`` is true when opening an encrypted key (we must have
+    one) and false when creating a key (no passphrase means an unencrypted
+    key). ``missing_hint`` replaces the hint of the error raised when a
+    passphrase is required and there is no terminal to ask on.
     """
     env_name = passphrase_env or DEFAULT_PASSPHRASE_ENV
     value = os.environ.get(env_name)
@@ -55,12 +97,15 @@ def resolve_passphrase(
             f"--passphrase-env names ${passphrase_env}, which is not set",
             hint=f"export {passphrase_env}=… or drop the option",
         )
+    credential = credential_passphrase()
+    if credential is not None:
+        return credential
     if not sys.stdin.isatty():
         if not required:
             return None
         raise KeyFileError(
             f"{purpose} needs a passphrase and there is no terminal to ask on",
-            hint=f"set ${DEFAULT_PASSPHRASE_ENV} or name a variable with --passphrase-env",
+            hint=missing_hint or NO_PASSPHRASE_HINT,
         )
     first = getpass.getpass(f"Passphrase for {purpose}: ")
     if confirm:
@@ -219,12 +264,17 @@ def load_recipient_private_key(
     return key
 
 
-def _load_public(path: Path) -> object:
+def _load_public(path: Path, *, one_key_hint: str = "keep one key per file") -> object:
     data = _read_key_file(path, private=False)
     if b"PRIVATE KEY" in data:
         raise KeyFileError(
             f"{path} holds a private key where a public key was expected", hint="pass the .pub file"
         )
+    # PEM loaders read the first block and ignore the rest: a file of several keys
+    # would silently stand for its first one.
+    blocks = data.count(b"-----BEGIN ")
+    if blocks > 1:
+        raise KeyFileError(f"{path} holds {blocks} PEM blocks, not one key", hint=one_key_hint)
     try:
         return serialization.load_pem_public_key(data)
     except ValueError:
@@ -233,7 +283,9 @@ def _load_public(path: Path) -> object:
 
 def load_recipient_public_key(path: Path) -> x25519.X25519PublicKey:
     """Open an X25519 recipient public key (a device's or a fleet's ``.pub``)."""
-    key = _load_public(path)
+    key = _load_public(
+        path, one_key_hint="put each key in its own file and pass --recipient once per key"
+    )
     if not isinstance(key, x25519.X25519PublicKey):
         raise KeyFileError(
             f"{path} is not an X25519 recipient public key",

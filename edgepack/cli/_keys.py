@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from edgepack._cli_output import JSON_OPTION, emit
+from edgepack.errors import InvalidInputError
 from edgepack.keys import (
+    DEFAULT_PASSPHRASE_ENV,
     generate_recipient_key,
     generate_signing_key,
     resolve_passphrase,
@@ -31,7 +33,10 @@ PASSPHRASE_ENV_OPTION = typer.Option(
     None,
     "--passphrase-env",
     metavar="VAR",
-    help="Read the passphrase from this environment variable (default: EDGEPACK_PASSPHRASE, else a prompt).",
+    help=(
+        "Read the passphrase from this environment variable (default: EDGEPACK_PASSPHRASE, "
+        "else the systemd credential edgepack-passphrase, else a prompt)."
+    ),
 )
 
 
@@ -67,19 +72,42 @@ def generate(
         ..., "-o", "--output", metavar="PATH", help="Writes PATH.key (0600) and PATH.pub."
     ),
     passphrase_env: str | None = PASSPHRASE_ENV_OPTION,
+    no_passphrase: bool = typer.Option(
+        False,
+        "--no-passphrase",
+        help="Write the private key unencrypted, on purpose (development and tests only).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Generate a key pair: PATH.key (private, 0600, passphrase-protected when one is given) and PATH.pub.
+    """Generate a key pair: PATH.key (private, 0600, passphrase-protected) and PATH.pub.
 
     The passphrase comes from $EDGEPACK_PASSPHRASE (or the variable --passphrase-env
-    names), else from a prompt; with neither and no terminal the key is written
-    unencrypted.
+    names), else the systemd credential edgepack-passphrase, else a prompt; with none
+    of them the command refuses (exit 5), as `repo init` does. --no-passphrase writes
+    an unencrypted key on purpose, and says so on stderr.
     """
-    passphrase = resolve_passphrase(
-        passphrase_env, purpose=f"the new {kind.value} key", required=False, confirm=True
-    )
+    if no_passphrase and passphrase_env is not None:
+        raise InvalidInputError("--no-passphrase and --passphrase-env contradict each other")
+    passphrase = None
+    if not no_passphrase:
+        passphrase = resolve_passphrase(
+            passphrase_env,
+            purpose=f"the new {kind.value} key",
+            required=True,
+            confirm=True,
+            missing_hint=(
+                f"set ${DEFAULT_PASSPHRASE_ENV} (or name a variable with --passphrase-env), "
+                "or pass --no-passphrase to write an unencrypted key on purpose"
+            ),
+        )
     key = generate_signing_key() if kind is KeyKindChoice.signing else generate_recipient_key()
     paths = write_keypair(output, key, passphrase)
+    if passphrase is None:
+        typer.echo(
+            f"edgepack: warning: {paths.private} is NOT encrypted (--no-passphrase): "
+            "anyone who can read the file can use the key",
+            err=True,
+        )
     result = {
         "kind": kind.value,
         "private_key": str(paths.private),
@@ -88,9 +116,8 @@ def generate(
     }
 
     def human() -> None:
-        typer.echo(
-            f"wrote {paths.private} (private, mode 0600{', encrypted' if passphrase else ''})"
-        )
+        state = "encrypted" if passphrase else "NOT encrypted"
+        typer.echo(f"wrote {paths.private} (private, mode 0600, {state})")
         typer.echo(f"wrote {paths.public} (public)")
 
     emit(result, as_json, human)
