@@ -75,6 +75,10 @@ class AgentConfig:
     architecture: str = ""
     trust_policy: str = ""
     recipient_key: str = ""
+    # HTTPS: the PEM CA bundle servers are verified against ("": the system's trust store).
+    ca_file: str = ""
+    # The HTTP(S) proxy for the repository ("": https_proxy/http_proxy; no_proxy always applies).
+    proxy: str = ""
     limits: Limits = field(default_factory=Limits)
 
     @property
