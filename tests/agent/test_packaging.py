@@ -343,3 +343,47 @@ def test_test_setup_installs_the_systemd_tools() -> None:
         timeout=30,
     )
     assert "systemd" in out.stdout.split()
+
+
+# prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN): the kernel's own form of the unit's
+# MemoryDenyWriteExecute=yes (no mapping both writable and executable, no mapping made
+# executable later); kept across fork and exec, so the health-check child has it too.
+_UNDER_MDWE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(99)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def _under_mdwe(*args: str) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _UNDER_MDWE, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    if out.returncode == 99:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    return out
+
+
+def test_install_and_health_check_run_under_memory_deny_write_execute(
+    world: World, tmp_path: Path
+) -> None:
+    """MemoryDenyWriteExecute=yes leaves the agent and onnxruntime's health check working."""
+    probe = _under_mdwe(
+        "-c",
+        "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)",
+    )
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr  # the rule is in force
+    data = tmp_path / "data"
+    world.enroll(data)
+    world.publish("1.0.0", 2.0)
+    out = _under_mdwe("-m", "device_agent", "run", "--once", "--json", "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    outcome = json.loads(out.stdout)[0]
+    assert outcome["action"] == "installed", outcome
+    assert (data / "models" / MODEL / "current").resolve().name.startswith("1.0.0-")
