@@ -110,7 +110,9 @@ def run(agent: Agent, *, stop: threading.Event | None = None, seed: int | None =
             outcomes = [Outcome(m, "error", error=exc.diagnostics()) for m in agent.config.models]
         failures = failures + 1 if failed(outcomes) else 0
         delay = next_delay(failures, agent.config.limits, rng)
-        if failures:
-            log.info("next poll in %.0f s (back-off after %d failed polls)", delay, failures)
+        if failures:  # said at INFO when the back-off starts, then at DEBUG
+            level = logging.INFO if failures == 1 else logging.DEBUG
+            polls = "1 failed poll" if failures == 1 else f"{failures} failed polls"
+            log.log(level, "next poll in %.0f s (back-off after %s)", delay, polls)
         stop.wait(delay)
     log.info("stopped")

@@ -51,7 +51,7 @@ def test_enroll_run_status_list_revert(world: World, tmp_path: Path) -> None:
     assert (data / "keys" / "device.key").stat().st_mode & 0o777 == 0o600
     # the device's own key is not a recipient of this bundle yet: the release fails safely
     out = agent("run", "--once", "--json", env_data=data)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 4, out.stderr  # a release refused on verification
     assert json.loads(out.stdout)[0]["action"] == "failed"
     # re-enrol with the fleet key (same data dir): installs
     out = agent(

@@ -405,9 +405,23 @@ def enroll(
 
 
 def poll(device: Device) -> dict[str, Any]:
-    """``edgepack-agent run --once``; the outcome for the one followed model."""
-    outcomes = agent("run", "--once", "--data-dir", device.data)
-    assert isinstance(outcomes, list) and len(outcomes) == 1, outcomes
+    """``edgepack-agent run --once``; the outcome for the one followed model.
+
+    A refusal exits non-zero: the exit code must be the one the outcome names.
+    """
+    argv = [sys.executable, "-m", "device_agent", "run", "--once", "--data-dir", device.data]
+    proc = subprocess.run(
+        [*map(str, argv), "--json"],
+        env=command_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=COMMAND_TIMEOUT_S,
+    )
+    outcomes = json.loads(proc.stdout) if proc.stdout.strip() else None
+    assert isinstance(outcomes, list) and len(outcomes) == 1, (outcomes, proc.stderr)
+    assert proc.returncode == outcomes[0].get("exit_code", 0), (proc.returncode, proc.stderr)
     outcome: dict[str, Any] = outcomes[0]
     assert outcome["model"] == MODEL, outcome
     return outcome
