@@ -7,6 +7,7 @@ revision.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,12 @@ from device_agent.errors import CorruptRevisionError, NoRevisionError
 from device_agent.slots import Slots
 from device_agent.state import Journal
 
+# What applications may pass as ``data_dir``: a Path, a str, any os.PathLike.
+DataDir = str | os.PathLike[str] | None
 
-def _active(name: str, data_dir: Path | None) -> tuple[Path, str]:
-    data = resolve_data_dir(data_dir)
+
+def _active(name: str, data_dir: DataDir) -> tuple[Path, str]:
+    data = resolve_data_dir(None if data_dir is None else Path(data_dir))
     slots = Slots(data, name)
     revision = slots.current()
     if revision is None:
@@ -36,15 +40,13 @@ def _active(name: str, data_dir: Path | None) -> tuple[Path, str]:
     return slots.revision_dir(revision), record.model_path if record else "model.onnx"
 
 
-def active_model_path(name: str, data_dir: Path | None = None) -> Path:
+def active_model_path(name: str, data_dir: DataDir = None) -> Path:
     """The path of the active model file of ``name``, after the safety checks."""
     revision_dir, model_rel = _active(name, data_dir)
     return safeload.check_model(revision_dir, model_rel)
 
 
-def open_session(
-    name: str, data_dir: Path | None = None, providers: list[str] | None = None
-) -> Any:
+def open_session(name: str, data_dir: DataDir = None, providers: list[str] | None = None) -> Any:
     """An onnxruntime ``InferenceSession`` of the active revision of ``name``, loaded by path.
 
     The revision's files are first checked against the signed manifest kept at

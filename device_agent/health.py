@@ -6,6 +6,10 @@ Format (docs/architecture.md "Health set"): ``meta/bundle.json`` key
 outputs pass when the fraction of equal elements reaches ``label_agreement``;
 latency is the median of repeated runs of case 0; memory is the resident-set
 growth while loading and running. Health checks are data, never code.
+
+numpy and onnxruntime are imported only inside the check, which the agent runs in a
+child process (:func:`check_revision_isolated`): the daemon that imports this module
+holds neither (tests/agent/test_footprint.py).
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from device_agent import safeload
 from device_agent.errors import HealthCheckError
@@ -49,6 +51,8 @@ def _rss_mb() -> float:
 
 
 def _compare(name: str, actual: Any, expected: Any, tol: dict[str, float]) -> str | None:
+    import numpy as np
+
     actual = np.asarray(actual)
     if actual.shape != expected.shape:
         return f"{name}: shape {actual.shape} differs from the golden {expected.shape}"
@@ -80,6 +84,7 @@ def check_revision(
     health set the check still proves the model loads safely.
     Raises :class:`HealthCheckError` when any case or budget fails.
     """
+    import numpy as np
     import onnxruntime  # noqa: F401 - loaded first so its own size is not charged to the model
 
     rss_before = _rss_mb()

@@ -21,8 +21,26 @@ from edgepack.cli._keys import (
     SIGN_KEY_OPTION,
     SIGSTORE_OPTION,
 )
+from edgepack.errors import InvalidInputError
 
 RECIPE_HELP = "none | fp16 | dynamic | static | auto (default: the profile's recipe)."
+
+
+# The packages of the ``builder`` extra: a device's base install has none of them.
+_BUILDER_PACKAGES = frozenset({"onnx", "skl2onnx", "sklearn"})
+
+
+@contextmanager
+def _builder_extras() -> Iterator[None]:
+    """Turn a missing builder package into one line saying which extra to install."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in _BUILDER_PACKAGES:
+            raise
+        raise InvalidInputError(
+            "edgepack build needs the builder extras: pip install 'edgepack[builder]'"
+        ) from None
 
 
 @contextmanager
@@ -88,8 +106,9 @@ def build_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Convert, quantise and validate a model per hardware profile, then pack signed bundles."""
-    from edgepack.build import build
-    from edgepack.build.convert import PICKLE_RISK, PICKLE_SUFFIXES
+    with _builder_extras():
+        from edgepack.build import build
+        from edgepack.build.convert import PICKLE_RISK, PICKLE_SUFFIXES
     from edgepack.keys import load_recipient_public_key
     from edgepack.signing import open_signer
 
@@ -103,7 +122,7 @@ def build_command(
     )
     if allow_pickle and model.suffix.lower() in PICKLE_SUFFIXES:
         typer.echo(f"edgepack: warning: {PICKLE_RISK}", err=True)
-    with _steps() as step:
+    with _steps() as step, _builder_extras():
         result = build(
             model,
             name=name,

@@ -194,18 +194,31 @@ def status_command(
         )
 
 
+def _plural(count: float, word: str) -> str:
+    """``1 release``, ``2 releases``, ``0.5 days``."""
+    return f"{count:g} {word}" if count == 1 else f"{count:g} {word}s"
+
+
+def _days_left(days: float, state: str) -> str:
+    """A role's time left for a person: ``12.5 days``, ``expired``, ``expired 3 days ago``."""
+    if state == "expired" or days <= 0:
+        ago = round(-days, 2)
+        return f"expired {_plural(ago, 'day')} ago" if ago > 0 else "expired"
+    return _plural(days, "day")
+
+
 def _print_status(report: dict[str, Any]) -> None:
     typer.echo("roles:")
     for r in report["roles"]:
         mark = "" if r["state"] == "ok" else f"  <-- {r['state'].upper()}"
         typer.echo(
             f"  {r['role']:<24} v{r['version']:<5} expires {r['expires']} "
-            f"({r['days_left']} days){mark}"
+            f"({_days_left(float(r['days_left']), r['state'])}){mark}"
         )
     typer.echo("models:")
     for m in report["models"]:
-        bins = f", {m['bins']} bins" if m["bins"] else ""
-        typer.echo(f"  {m['name']} ({len(m['releases'])} releases{bins})")
+        bins = f", {_plural(m['bins'], 'bin')}" if m["bins"] else ""
+        typer.echo(f"  {m['name']} ({_plural(len(m['releases']), 'release')}{bins})")
         for version, variants in m["releases"].items():
             typer.echo(f"    {version}: {', '.join(variants)}")
     typer.echo("channels:")

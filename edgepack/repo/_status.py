@@ -16,7 +16,7 @@ def _role_entry(
     store: Store, name: str, kind: str, version: int, expires: datetime
 ) -> dict[str, Any]:
     left = expires - store.now
-    days = round(left.total_seconds() / 86400, 2)
+    days = round(left.total_seconds() / 86400, 2) + 0.0  # + 0.0: never -0.0
     warn = store.settings.warn_for(kind)
     state = "expired" if left <= timedelta(0) else "warning" if days < warn else "ok"
     return {
@@ -87,8 +87,9 @@ def status(store: Store) -> dict[str, Any]:
         for d in _channels.documents(store)
     ]
     warnings = [
-        f"role {r['role']} {'has expired' if r['state'] == 'expired' else 'expires'} "
-        f"({r['expires']}, {r['days_left']} days left)"
+        f"role {r['role']} has expired ({r['expires']})"
+        if r["state"] == "expired"
+        else f"role {r['role']} expires ({r['expires']}, {r['days_left']:g} days left)"
         for r in roles
         if r["state"] != "ok"
     ]
