@@ -137,21 +137,24 @@ def test_quiet_still_says_a_refusal(world: World, data: Path) -> None:
     assert once(data, "-qq").stderr == ""  # -qq: errors only; the repeat is a "kept" warning
 
 
-def test_journal_lines_carry_priorities(world: World, data: Path, tmp_path: Path) -> None:
-    world.publish("1.0.0", 2.0)
-    err_path = tmp_path / "journal.log"
+def run_into_journal(data: Path, err_path: Path) -> int:
+    """``run --once`` with stderr a file that JOURNAL_STREAM names, as systemd does."""
     with open(err_path, "w") as err:
         st = os.fstat(err.fileno())
-        proc = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "device_agent", "run", "--once", "--data-dir", str(data)],
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=err,
-            text=True,
             env=_env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"),
             timeout=120,
             cwd=ROOT,
-        )
-    assert proc.returncode == 0
+        ).returncode
+
+
+def test_journal_lines_carry_priorities(world: World, data: Path, tmp_path: Path) -> None:
+    world.publish("1.0.0", 2.0)
+    err_path = tmp_path / "journal.log"
+    assert run_into_journal(data, err_path) == 0
     lines = err_path.read_text().splitlines()
     assert lines and all(re.match(r"<[2-7]>", line) for line in lines), lines
     assert any(
@@ -159,17 +162,7 @@ def test_journal_lines_carry_priorities(world: World, data: Path, tmp_path: Path
         for x in lines
     )
     world.server.stop()
-    with open(err_path, "w") as err:
-        st = os.fstat(err.fileno())
-        proc = subprocess.run(
-            [sys.executable, "-m", "device_agent", "run", "--once", "--data-dir", str(data)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=_env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"),
-            timeout=120,
-            cwd=ROOT,
-        )
-    assert proc.returncode == 7
+    assert run_into_journal(data, err_path) == 7
     assert err_path.read_text().startswith("<4>repository metadata unavailable")
     # A JOURNAL_STREAM inherited by a process whose stderr went elsewhere does not count.
     other = once(data, JOURNAL_STREAM="1:2")
