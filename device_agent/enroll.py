@@ -19,6 +19,7 @@ import sys
 import urllib.parse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -326,7 +327,7 @@ def enroll(
         keys_dir.mkdir(mode=0o700, exist_ok=True)
         identity_raw, identity_pub = _identity(keys_dir)
         key_path, pub_path = _recipient(keys_dir, recipient_key, passphrase_env)
-        settings = {
+        settings: dict[str, Any] = {
             "metadata_url": metadata_url,
             "targets_url": targets_url,
             "models": list(dict.fromkeys(models)),

@@ -1,0 +1,171 @@
+"""Enrolment refuses what the agent could never use, keeps what was set by hand when it is
+run again, and a failure that was the device's own configuration can be cleared: by
+re-enrolling with the right key, or with ``edgepack-agent retry NAME``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device_agent import config, enroll
+from device_agent.slots import Slots
+from edgepack import keys
+from tests.agent._support import MODEL, World, fast_limits
+from tests.agent.conftest import poll
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _agent(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "EDGEPACK_DATA_DIR"}
+    return subprocess.run(
+        [sys.executable, "-m", "device_agent", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def _enroll_args(world: World, data: Path, *extra: str) -> list[str]:
+    return [
+        "enroll",
+        "--root",
+        str(world.root_json),
+        "--model",
+        MODEL,
+        "--trust",
+        str(world.producer_pub),
+        "--data-dir",
+        str(data),
+        *extra,
+    ]
+
+
+def _enroll(world: World, data: Path, recipient_key: Path | None) -> enroll.Enrolment:
+    return enroll.enroll(
+        data,
+        repo_url=world.server.url,
+        root=world.root_json,
+        models=[MODEL],
+        trust=world.producer_pub,
+        recipient_key=recipient_key,
+        limits=fast_limits(),
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--repo-url", "htp:/typo"],
+        ["--repo-url", "htp://typo.example"],
+        ["--repo-url", "ftp://mirror.example/edgepack"],
+        ["--repo-url", "http:///no-host"],
+        ["--repo-url", "https://host:port/"],
+        ["--repo-url", "/no/such/copy"],
+        ["--repo-url", "http://127.0.0.1:1", "--channel", "prod"],
+        ["--repo-url", "http://127.0.0.1:1", "--model", "Digits_Bad"],
+    ],
+)
+def test_enrolment_refuses_what_the_agent_could_never_use(
+    world: World, tmp_path: Path, extra: list[str]
+) -> None:
+    data = tmp_path / "dev"
+    out = _agent(*_enroll_args(world, data, *extra))
+    assert out.returncode == 3, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not data.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1", "https://repo.example/edgepack/", "file:///media/usb/public"]
+)
+def test_enrolment_takes_http_https_and_file_urls(world: World, tmp_path: Path, url: str) -> None:
+    data = tmp_path / "dev"
+    out = _agent(*_enroll_args(world, data, "--repo-url", url))
+    assert out.returncode == 0, out.stderr
+    assert config.load(data).metadata_url == url.rstrip("/") + "/metadata/"
+
+
+def test_enrolment_takes_an_existing_directory(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    copy = world.base / "public"
+    out = _agent(*_enroll_args(world, data, "--repo-url", str(copy)))
+    assert out.returncode == 0, out.stderr
+    assert config.load(data).metadata_url == copy.as_uri() + "/metadata/"
+
+
+def test_reenrolling_keeps_hand_set_limits_unless_new_ones_are_given(
+    world: World, tmp_path: Path
+) -> None:
+    data = tmp_path / "dev"
+    _enroll(world, data, world.fleet_key_path)
+    cfg = config.load(data)
+    cfg.limits.poll_interval_s = 42.0
+    cfg.limits.keep_revisions = 4
+    cfg.architecture = "aarch64"  # set by hand, no enrolment option sets it
+    config.save(cfg)
+    out = _agent(*_enroll_args(world, data, "--repo-url", world.server.url, "--channel", "beta"))
+    assert out.returncode == 0, out.stderr
+    again = config.load(data)
+    assert again.channel == "beta"
+    assert (again.limits.poll_interval_s, again.limits.keep_revisions) == (42.0, 4)
+    assert again.architecture == "aarch64" and again.device_id == cfg.device_id
+    _enroll(world, data, world.fleet_key_path)  # limits given: they replace the old ones
+    assert config.load(data).limits == fast_limits()
+
+
+def test_reenrolling_with_the_right_key_clears_the_failure_it_caused(
+    world: World, tmp_path: Path
+) -> None:
+    data = tmp_path / "dev"
+    world.publish("1.0.0", 2.0)  # encrypted for the fleet key
+    _enroll(world, data, None)  # the device's own key: not a recipient
+    first = poll(data)
+    assert first.action == "failed" and "not encrypted for this recipient key" in str(first.error)
+    assert poll(data).action == "kept"  # those bytes are not tried again ...
+    result = _enroll(world, data, world.fleet_key_path)
+    assert result.cleared and result.cleared[0].startswith(f"{MODEL}: sha256:")
+    installed = poll(data)  # ... until the device's configuration changed
+    assert installed.action == "installed" and installed.version == "1.0.0"
+    # Re-enrolling with nothing changed forgets nothing.
+    assert _enroll(world, data, world.fleet_key_path).cleared == ()
+
+
+def test_retry_forgets_a_failure_and_leaves_the_running_model(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    world.publish("1.0.0", 2.0)
+    _enroll(world, data, world.fleet_key_path)
+    assert poll(data).action == "installed"
+    running = Slots(data, MODEL).current()
+    # 2.0.0 is packed for another key, one this device does not have (yet).
+    fleet, other = world.fleet_key, keys.generate_recipient_key()
+    world.fleet_key = other
+    world.publish("2.0.0", 3.0)
+    world.fleet_key = fleet
+    assert poll(data).action == "failed"
+    kept = poll(data)
+    assert kept.action == "kept" and "failed here before" in str(kept.error)
+    # The device's key is mended by hand (the right key restored into DATA): still kept.
+    keys.write_private_file(data / "keys" / "recipient.key", keys.private_pem(other, None))
+    assert poll(data).action == "kept"
+
+    out = _agent("retry", MODEL, "--data-dir", str(data), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cleared"][0].startswith("sha256:")
+    assert Slots(data, MODEL).current() == running  # retry does not touch what runs
+    installed = poll(data)
+    assert installed.action == "installed" and installed.version == "2.0.0"
+
+    again = _agent("retry", MODEL, "--data-dir", str(data))
+    assert again.returncode == 0 and "no release had failed here" in again.stdout
+    unknown = _agent("retry", "other-model", "--data-dir", str(data))
+    assert unknown.returncode == 3 and "not a model this device follows" in unknown.stderr
