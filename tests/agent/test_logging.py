@@ -167,3 +167,22 @@ def test_journal_lines_carry_priorities(world: World, data: Path, tmp_path: Path
     # A JOURNAL_STREAM inherited by a process whose stderr went elsewhere does not count.
     other = once(data, JOURNAL_STREAM="1:2")
     assert other.stderr.startswith("edgepack-agent: warning: repository metadata unavailable")
+
+
+def test_a_tls_failure_is_logged_with_its_reason(world: World, tmp_path: Path) -> None:
+    from tests.agent.test_fetcher_http import Loopback, PrivateCA
+
+    ca = PrivateCA(tmp_path / "pki")
+    server = Loopback(lambda h: h.send_bytes(b"{}"), ca.server_context)
+    try:
+        data = tmp_path / "dev"
+        world.enroll(data, url=server.url)  # a CA the device was not told to trust
+        out = once(data)
+    finally:
+        server.stop()
+    assert out.returncode == 7, out.stderr
+    assert re.fullmatch(
+        r"edgepack-agent: warning: repository metadata unavailable or expired: "
+        r"[^\n]*CERTIFICATE_VERIFY_FAILED[^\n]*; the running models keep running\n",
+        out.stderr,
+    ), out.stderr
