@@ -73,9 +73,10 @@ def test_a_hand_edited_config_with_a_hostile_model_loses_nothing(
     out = agent("run", "--once", "--data-dir", str(data))
     assert out.returncode == 3, out.stderr
     assert "invalid model name" in out.stderr and "enrol again" in out.stderr
-    # The other model's revisions, the device key, the TUF cache and the config are all there.
+    # The other model's revisions, the device's keys, the TUF cache and the config are all there.
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
-    assert (data / "keys" / "device.pub").exists() and (data / "tuf" / "root.json").exists()
+    assert (data / "keys" / "identity.key").exists() and (data / "keys" / "recipient.key").exists()
+    assert (data / "tuf" / "root.json").exists()
     assert Slots(data, MODEL).current() is not None
     assert (victim / "precious.txt").read_text() == "keep me"
 
