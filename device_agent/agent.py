@@ -257,7 +257,8 @@ class Agent:
             chosen = selection.select(doc, self.device)
             if not chosen.ok or chosen.variant is None or chosen.version is None:
                 self.journal.enter(name, State.IDLE)
-                return Outcome(name, "no-release", slots.current(), error=chosen.reason)
+                why = selection.why_no_bundle(name, chosen, self.device)
+                return Outcome(name, "no-release", slots.current(), error=why)
             info = client.target_info(chosen.variant.target)
             if info is None:
                 raise InvalidInputError(f"channel names {chosen.variant.target}, not in the repo")

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from device_agent import hwdetect
 from device_agent.config import AgentConfig
-from edgepack.channel import ChannelDocument, Selection, parse_channel, select_release
+from edgepack.channel import (
+    ANY,
+    REASON_NO_VARIANT,
+    ChannelDocument,
+    Selection,
+    parse_channel,
+    select_release,
+)
 from edgepack.errors import InvalidInputError
 
 _ARCH_ALIASES = {"arm64": "aarch64", "aarch64": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}
@@ -93,6 +100,37 @@ def select(doc: ChannelDocument, device: Device) -> Selection:
         profile=device.profile,
         architecture=device.architecture,
         cohort=device.cohort,
+    )
+
+
+def why_no_bundle(model: str, chosen: Selection, device: Device) -> str | None:
+    """Why ``chosen`` gives this device nothing to run, in words an operator can act on.
+
+    For a release with no variant for the device it names the profiles (and
+    their architectures) the release was published for and what to do: enrol
+    the device with one of them, or publish a variant for its profile.
+    Otherwise the selection's own reason.
+    """
+    release = chosen.release
+    if chosen.reason != REASON_NO_VARIANT or release is None:
+        return chosen.reason
+    wanted = (
+        f"profile {device.profile} on {device.architecture}"
+        if device.profile
+        else f"{device.architecture} (no profile detected)"
+    )
+    variants = dict(release.variants)
+    published = ", ".join(f"{key} on {v.architecture}" for key, v in sorted(variants.items()))
+    fitting = sorted(
+        key for key, v in variants.items() if v.architecture in (device.architecture, ANY)
+    )
+    target = device.profile or f"generic-{device.architecture}"
+    todo = f"publish a variant for {target}"
+    if fitting:
+        todo = f"enrol with --profile {fitting[0]} if this device is one, or {todo}"
+    return (
+        f"no variant of {model} {release.version} for {wanted} "
+        f"(published: {published or 'none'}); {todo}"
     )
 
 

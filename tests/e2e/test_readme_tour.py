@@ -111,7 +111,9 @@ def parse_commands(block: str) -> list[Command]:
             assert i < len(lines), f"the here-document of {text!r} never ends"
             i += 1
             text = "\n".join([text, *body, word])
-        claim = comment.split(";")[0].strip() if comment and comment.startswith("digits: ") else None
+        claim = (
+            comment.split(";")[0].strip() if comment and comment.startswith("digits: ") else None
+        )
         commands.append(Command(text, claim))
     return commands
 
