@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -38,6 +39,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from device_agent._crashpoint import crashpoint
 from device_agent.config import Limits
 from device_agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "edgepack-agent"
 # A CDN or an object store answers with one or two redirects; more is a loop or a misconfiguration.
@@ -242,7 +245,9 @@ class AgentFetcher(FetcherInterface):
             return ""
         if self.proxy:
             return self.proxy
-        return urllib.request.getproxies().get(parts.scheme, "")
+        proxy = urllib.request.getproxies().get(parts.scheme, "")
+        # "proxy.example:3128" in the environment means http:// to it, as curl reads it.
+        return proxy if not proxy or "://" in proxy else f"http://{proxy}"
 
     def _manager(self, url: str) -> urllib3.PoolManager:
         """A pool manager per proxy (``""``: direct) and scheme, made on first use."""
@@ -329,6 +334,7 @@ class AgentFetcher(FetcherInterface):
                     raise RedirectRefusedError(
                         f"{url}: more than {MAX_REDIRECTS} redirects (the last to {target})"
                     )
+                log.debug("%s: HTTP %d, following the redirect to %s", current, resp.status, target)
                 current = target
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 

@@ -450,12 +450,14 @@ def test_http_proxy_from_the_environment_is_used_and_no_proxy_bypasses_it(
     assert proxy.used == [], "a host in NO_PROXY is reached directly"
 
 
-def test_lowercase_http_proxy_and_the_bandwidth_cap_through_it(
+def test_lowercase_http_proxy_without_a_scheme_and_the_bandwidth_cap_through_it(
     serve: Any, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     body = os.urandom(60_000)
     server = serve(lambda h: h.send_bytes(body))
-    monkeypatch.setenv("http_proxy", proxy.url)
+    monkeypatch.setenv(
+        "http_proxy", proxy.url.removeprefix("http://")
+    )  # host:port, as curl takes it
     fetcher = AgentFetcher(fast_limits(bandwidth_bps=200_000, chunk_bytes=10_000))
     start = time.monotonic()
     assert _fetch(fetcher, f"{server.url}/f.bin") == body
