@@ -207,8 +207,10 @@ def list_revisions(
     def human() -> None:
         for n, revs in data.items():
             for r in revs:
-                flags = [k for k in ("active", "known_good", "revoked") if r[k]]
-                typer.echo(f"{n} {r['revision']}  {' '.join(flags)}")
+                flags = [k.replace("_", "-") for k in ("active", "known_good", "revoked") if r[k]]
+                if r["failed"]:
+                    flags.append(f"failed here: {r['failed']}")
+                typer.echo(f"{n} {r['revision']}  {', '.join(flags) or '-'}")
 
     emit(data, as_json, human)
 
@@ -217,10 +219,11 @@ def _verdict(name: str, data_dir: Path | None, as_json: bool, action: str) -> No
     agent = _agent(data_dir)
     with agent.exclusive():
         revision = getattr(agent, action)(name)
+    said = {"revert": "reverted", "report_bad": "reported bad", "confirm": "confirmed"}[action]
     emit(
         {"model": name, "revision": revision, "action": action},
         as_json,
-        lambda: typer.echo(f"{name}: {action} -> {revision}"),
+        lambda: typer.echo(f"{name}: {said}; running {revision}"),
     )
 
 

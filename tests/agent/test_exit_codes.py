@@ -203,7 +203,14 @@ def test_status_json_follows_report_bad_revert_and_confirm(world: World, tmp_pat
     assert agent(data, "run", "--once").returncode == 0
     before = json.loads(agent(data, "status", "--json").stdout)["models"][MODEL]
     assert before["version"] == "1.1.0" and before["awaiting_confirmation"] is True
-    assert agent(data, "report-bad", MODEL).returncode == 0
+    said = agent(data, "report-bad", MODEL)
+    assert said.returncode == 0 and said.stdout.startswith(f"{MODEL}: reported bad; running 1.0.0-")
+    assert (
+        "rolled back to 1.0.0-" in said.stderr and "reported bad by the application" in said.stderr
+    )
+    listed = agent(data, "list").stdout
+    assert "known_good" not in listed and "active, known-good" in listed
+    assert "failed here: reported bad by the application" in listed
     after = json.loads((data / "status.json").read_text())["models"][MODEL]
     assert after["version"] == "1.0.0" and after["awaiting_confirmation"] is False
     assert after["failed_releases"]["1.1.0"] == "reported bad by the application"
