@@ -104,6 +104,12 @@ def init_command(
         root_threshold=root_threshold,
         expiry_days=expiry_days,
     )
+    if passphrase is None:
+        typer.echo(
+            f"edgepack: warning: the role keys in {workdir / 'keys'} are NOT encrypted "
+            "(--no-passphrase): anyone who can read them can sign for the repository",
+            err=True,
+        )
     data = {"versions": result.versions, **result.summary, "encrypted": passphrase is not None}
 
     def human() -> None:

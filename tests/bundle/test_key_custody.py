@@ -75,3 +75,13 @@ def test_the_systemd_credential_is_a_passphrase_source(
         keys.load_recipient_private_key(work / "fleet.key")
     monkeypatch.setenv("EDGEPACK_PASSPHRASE", "from systemd")  # the environment comes first
     keys.load_recipient_private_key(work / "fleet.key")
+
+
+def test_repo_init_without_a_passphrase_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgepack.cli import main
+
+    assert main(["repo", "init", str(tmp_path / "repo"), "--no-passphrase"]) == 0
+    err = capsys.readouterr().err
+    assert "NOT encrypted" in err and str(tmp_path / "repo" / "keys") in err
