@@ -53,6 +53,7 @@ def _root(
     log_level: str | None = typer.Option(
         None,
         "--log-level",
+        envvar="EDGEPACK_LOG_LEVEL",
         metavar="LEVEL",
         help="debug, info, warning or error (overrides -v and -q).",
     ),

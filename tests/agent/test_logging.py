@@ -122,6 +122,8 @@ def test_quiet_silences_info_and_debug_shows_more(world: World, data: Path) -> N
     assert normal.stderr == ""  # nothing moved: nothing said at INFO
     verbose = once(data, "-v")
     assert "debug:" in verbose.stderr
+    from_env = once(data, EDGEPACK_LOG_LEVEL="debug")  # a unit's Environment= line
+    assert f"edgepack-agent: debug: {MODEL}: up-to-date 1.0.0-" in from_env.stderr
     bad = once(data, "--log-level", "loud")
     assert bad.returncode == 3 and "unknown log level 'loud'" in bad.stderr
 
