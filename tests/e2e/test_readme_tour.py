@@ -13,7 +13,7 @@ only these, and each must occur in the tour:
   a log file, and the test waits for the port before the next command.
 
 Every command must exit 0. A comment that says what a command prints
-(``# digits: installed 1.1.0-…``, up to a ``;``) is checked against its
+(``# digits: installed 1.1.0-…``, up to a `` — ``) is checked against its
 output, ``…`` standing for the rest of a revision name. At the end the device must run
 digits 1.0.0, with 1.1.0 (reverted locally) not retried.
 """
@@ -50,7 +50,7 @@ class Command:
     """One command of the tour: its text (continuations joined) and what its comment claims."""
 
     text: str
-    claim: str | None  # "digits: installed 1.1.0-…": a comment's words before any ";"
+    claim: str | None  # "digits: installed 1.1.0-…": a comment's words before any " — "
 
     @property
     def background(self) -> bool:
@@ -112,7 +112,7 @@ def parse_commands(block: str) -> list[Command]:
             i += 1
             text = "\n".join([text, *body, word])
         claim = (
-            comment.split(";")[0].strip() if comment and comment.startswith("digits: ") else None
+            comment.split(" — ")[0].strip() if comment and comment.startswith("digits: ") else None
         )
         commands.append(Command(text, claim))
     return commands
@@ -173,14 +173,14 @@ def claim_pattern(claim: str) -> str:
 def test_the_parser_joins_continuations_and_keeps_here_documents() -> None:
     block = (
         "# a comment line\n"
-        "edgepack a \\\n    --b c   # digits: installed 1.0.0-…; and more\n"
+        "edgepack a \\\n    --b c   # digits: installed 1.0.0-… — and more\n"
         "python - <<'EOF'   # a here-document\nprint('#')\nEOF\n"
         "edgepack repo serve /srv/edgepack --port 8080 &   # background\n"
         "echo '# not a comment'\n"
     )
     commands = parse_commands(block)
     assert [c.text.split("\n")[0] for c in commands] == [
-        "edgepack a --b c   # digits: installed 1.0.0-…; and more",
+        "edgepack a --b c   # digits: installed 1.0.0-… — and more",
         "python - <<'EOF'   # a here-document",
         "edgepack repo serve /srv/edgepack --port 8080 &   # background",
         "echo '# not a comment'",
@@ -204,6 +204,7 @@ def tour_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(TOUR_TIMEOUT_S + 30)
 def test_the_readme_tour_installs_the_model_as_written(tmp_path: Path) -> None:
     readme = README.read_text(encoding="utf-8")
