@@ -146,15 +146,17 @@ class _HTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>: ")
+# How urllib3 names a connection at the start of its messages: "<… object at 0x…>: "
+# or "HTTPConnection(host='…', port=…): ". A person needs the URL, which we add.
+_CONNECTION_PREFIX = re.compile(r"^(<[\w.]+ object at 0x[0-9a-f]+>|\w+\(host=.*?, port=\d+\)): ")
 
 
 def _reason(exc: BaseException) -> str:
-    """urllib3's message without the ``<…Connection object at 0x…>:`` it starts with."""
+    """urllib3's message without the connection's name it starts with."""
     inner = getattr(exc, "reason", None)  # ProxyError and MaxRetryError carry the cause
     if isinstance(inner, BaseException):
         return _reason(inner)
-    return _OBJECT_REPR.sub("", str(exc)) or type(exc).__name__
+    return _CONNECTION_PREFIX.sub("", str(exc)) or type(exc).__name__
 
 
 class AgentFetcher(FetcherInterface):

@@ -596,3 +596,17 @@ def test_a_404_behind_a_redirect_is_still_a_404(serve: Any) -> None:
         _fetch(AgentFetcher(fast_limits()), f"{front.url}/metadata/2.root.json")
     assert info.value.status_code == 404
     assert behind.requests == [("/metadata/2.root.json", None)]
+
+
+def test_an_unreachable_server_is_one_readable_line_naming_the_url() -> None:
+    """urllib3 names its connection object in messages; the agent's line names the URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        url = f"http://127.0.0.1:{port}/metadata/timestamp.json"
+        with pytest.raises(exceptions.DownloadError) as info:
+            _fetch(AgentFetcher(fast_limits()), url)
+    message = str(info.value)
+    assert message.startswith(f"cannot reach {url}: ") and "Connection refused" in message
+    assert "Connection(" not in message and " object at " not in message
+    assert exit_code_of(info.value) == 7
