@@ -14,7 +14,6 @@ key stays encrypted).
 from __future__ import annotations
 
 import hashlib
-import shutil
 import sys
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from device_agent import config as config_mod
 from device_agent import tufclient
@@ -178,22 +177,39 @@ def _identity(keys_dir: Path) -> tuple[bytes, Path]:
     return raw, public_path
 
 
-def _recipient(keys_dir: Path, given: Path | None, passphrase_env: str | None) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class _GivenKey:
+    """A ``--recipient-key`` opened before anything is written: the key and its file's bytes."""
+
+    private: x25519.X25519PrivateKey
+    data: bytes
+
+
+def _open_given(path: Path | None, passphrase_env: str | None) -> _GivenKey | None:
+    """Open ``--recipient-key`` (its passphrase is needed now to check it and derive its
+    public key), so a wrong kind or passphrase is refused before enrolment writes."""
+    if path is None:
+        return None
+    private = keys.load_recipient_private_key(path, passphrase_env)
+    return _GivenKey(private, path.read_bytes())
+
+
+def _recipient(
+    keys_dir: Path, given: _GivenKey | None, passphrase_env: str | None
+) -> tuple[Path, Path]:
     """The recipient key the device decrypts with: (private key path, public key path).
 
     With ``given``: its bytes are copied to ``keys/recipient.key`` (0600; an
-    encrypted key stays encrypted, its passphrase is needed now only to check
-    it and write ``keys/recipient.pub``), so the device no longer depends on a
-    file outside DATA. Without: the device's own pair ``keys/device.key|.pub``,
-    made on first use and kept; a ``device.pub`` that does not match
-    ``device.key`` (left by an older enrolment) is written again from the key.
+    encrypted key stays encrypted) with ``keys/recipient.pub``, so the device no
+    longer depends on a file outside DATA. Without: the device's own pair
+    ``keys/device.key|.pub``, made on first use and kept; a ``device.pub`` that
+    does not match ``device.key`` (left by an older enrolment) is written again.
     """
     if given is not None:
-        private = keys.load_recipient_private_key(given, passphrase_env)
-        data = given.read_bytes()
+        private = given.private
         key_path = keys_dir / f"{RECIPIENT_STEM}.key"
         pub_path = keys_dir / f"{RECIPIENT_STEM}.pub"
-        keys.write_private_file(key_path, data)
+        keys.write_private_file(key_path, given.data)
     else:
         key_path = keys_dir / f"{KEY_STEM}.key"
         pub_path = keys_dir / f"{KEY_STEM}.pub"
@@ -208,18 +224,23 @@ def _recipient(keys_dir: Path, given: Path | None, passphrase_env: str | None) -
     return key_path, pub_path
 
 
-def _trust(keys_dir: Path, trust: Path | None) -> str:
-    """Where the configuration finds the producer trust policy ('' for none)."""
+def _read_trust(trust: Path | None) -> bytes | None:
+    """The trust policy's bytes, read before anything is written (``None`` for none)."""
     if trust is None:
-        return ""
+        return None
     try:
-        is_key = b"-----BEGIN PUBLIC KEY-----" in trust.read_bytes()
+        return trust.read_bytes()
     except OSError as exc:
         raise InvalidInputError(f"cannot read the trust policy {trust}: {exc}") from None
-    if is_key:  # a single producer key: keep a copy, so the device stands alone
+
+
+def _trust(keys_dir: Path, trust: Path | None, data: bytes | None) -> str:
+    """Where the configuration finds the producer trust policy ('' for none)."""
+    if trust is None or data is None:
+        return ""
+    if b"-----BEGIN PUBLIC KEY-----" in data:  # one producer key: a copy, the device stands alone
         dest = keys_dir / f"{TRUST_NAME}.pub"
-        if trust.absolute() != dest.absolute():
-            shutil.copyfile(trust, dest)
+        keys.write_public_file(dest, data)
         return str(dest)
     return str(trust.absolute())  # a policy file names its keys relative to itself
 
@@ -307,6 +328,8 @@ def enroll(
         root_bytes = root.read_bytes()
     except OSError as exc:
         raise InvalidInputError(f"cannot read the root metadata {root}: {exc}") from None
+    given = _open_given(recipient_key, passphrase_env)  # refused before anything is written
+    trust_bytes = _read_trust(trust)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o750)  # the agent's user and the applications' group only
@@ -326,7 +349,7 @@ def enroll(
         keys_dir = data_dir / KEYS_DIR
         keys_dir.mkdir(mode=0o700, exist_ok=True)
         identity_raw, identity_pub = _identity(keys_dir)
-        key_path, pub_path = _recipient(keys_dir, recipient_key, passphrase_env)
+        key_path, pub_path = _recipient(keys_dir, given, passphrase_env)
         settings: dict[str, Any] = {
             "metadata_url": metadata_url,
             "targets_url": targets_url,
@@ -334,7 +357,7 @@ def enroll(
             "channel": channel,
             "cohort": cohort,
             "profile": profile,
-            "trust_policy": _trust(keys_dir, trust),
+            "trust_policy": _trust(keys_dir, trust, trust_bytes),
             "recipient_key": str(key_path),
         }
         if previous is not None and previous.metadata_url:

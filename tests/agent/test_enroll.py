@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _agent(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "EDGEPACK_DATA_DIR"}
+    unset = ("EDGEPACK_DATA_DIR", "EDGEPACK_PASSPHRASE", "CREDENTIALS_DIRECTORY")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run(
         [sys.executable, "-m", "device_agent", *args],
         capture_output=True,
@@ -169,3 +170,18 @@ def test_retry_forgets_a_failure_and_leaves_the_running_model(world: World, tmp_
     assert again.returncode == 0 and "no release had failed here" in again.stdout
     unknown = _agent("retry", "other-model", "--data-dir", str(data))
     assert unknown.returncode == 3 and "not a model this device follows" in unknown.stderr
+
+
+def test_a_recipient_key_that_cannot_be_opened_is_refused_before_anything_is_written(
+    world: World, tmp_path: Path
+) -> None:
+    locked = world.base / "fleet-locked"
+    keys.write_keypair(locked, world.fleet_key, b"fleet secret")
+    signing = world.base / "producer.key"  # a key, but not a recipient key
+    for key in (locked.with_suffix(".key"), signing):
+        data = tmp_path / key.stem
+        args = _enroll_args(world, data, "--repo-url", world.server.url)
+        out = _agent(*args, "--recipient-key", str(key))
+        assert out.returncode == 5, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert not data.exists()
