@@ -22,7 +22,7 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 
-from device_agent import health, names, safeload, selection, status
+from device_agent import health, names, safeload, selection, sigcheck, status
 from device_agent.config import AgentConfig
 from device_agent.errors import (
     ConfigError,
@@ -376,8 +376,14 @@ class Agent:
         staged = slots.staging_dir(update.revision)
         slots.remove_staging(update.revision)
         staged.parent.mkdir(parents=True, exist_ok=True)
+        # The producer signature is checked in a child process (device_agent/sigcheck.py):
+        # the verifier's ~25 MB of imports never stay in the daemon.
         binfo = bundle.unpack(
-            bundle_path, staged, recipient_key=credentials[0], policy=credentials[1]
+            bundle_path,
+            staged,
+            recipient_key=credentials[0],
+            policy=credentials[1],
+            verifier=sigcheck.verify_signature_isolated,
         )
         if binfo.name != name or binfo.version != update.version:
             raise _ReleaseFailedError(

@@ -139,9 +139,16 @@ def read_info(path: Path, limits: Limits = DEFAULT_LIMITS) -> BundleInfo:
     )
 
 
-def check_signature(info: BundleInfo, policy: TrustPolicy) -> VerifiedSignature:
+# How a producer signature is verified: in-process by default; the device agent passes
+# one that runs in a child process (device_agent/sigcheck.py) to keep its memory small.
+SignatureVerifier = Callable[[bytes, TrustPolicy], VerifiedSignature]
+
+
+def check_signature(
+    info: BundleInfo, policy: TrustPolicy, verifier: SignatureVerifier = verify_signature
+) -> VerifiedSignature:
     """Verify the producer signature and that it signs exactly this metadata and manifest."""
-    verified = verify_signature(info.signature, policy)
+    verified = verifier(info.signature, policy)
     expected = {f.path: f.sha256 for f in info.manifest}
     expected[META_BUNDLE] = info.metadata_sha256
     if verified.digests != expected or verified.model_name != info.name:
@@ -201,10 +208,14 @@ def unpack(
     recipient_key: x25519.X25519PrivateKey,
     policy: TrustPolicy,
     progress: Callable[[int], None] | None = None,
+    verifier: SignatureVerifier = verify_signature,
 ) -> BundleInfo:
-    """Verify and decrypt ``path`` into the new directory ``dest_dir``; remove it on any failure."""
+    """Verify and decrypt ``path`` into the new directory ``dest_dir``; remove it on any failure.
+
+    ``verifier`` checks the producer signature (see :data:`SignatureVerifier`).
+    """
     info = read_info(path)
-    check_signature(info, policy)
+    check_signature(info, policy, verifier)
     try:
         dest_dir.mkdir(mode=0o700)
     except FileExistsError:

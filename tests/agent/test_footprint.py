@@ -46,9 +46,10 @@ def test_agent_modules_import_no_builder_package() -> None:
 # -- the device side imports nothing of the operator side, and no model runtime -------------
 # edgepack.bundle, edgepack.keys, edgepack.signing, edgepack.channel and edgepack.hw are the
 # device's too (it reads, verifies and decrypts bundles); the operator CLI, the repository and
-# the builder are not. onnxruntime and numpy load only in the health check's child process.
+# the builder are not. onnxruntime and numpy load only in the health check's child process,
+# the producer-signature verifier (model-signing, sigstore) only in device_agent.sigcheck's.
 OPERATOR_SIDE = ("edgepack.cli", "edgepack.repo", "edgepack.build")
-RUNTIME = ("onnxruntime", "numpy")
+RUNTIME = ("onnxruntime", "numpy", "model_signing", "sigstore", "sigstore_models")
 
 
 def _imported(code: str) -> list[str]:
@@ -92,6 +93,20 @@ def test_run_once_with_nothing_new_imports_no_runtime(world: World, data: Path) 
         "import json, pathlib\n"
         f"status = json.loads(pathlib.Path({str(data / 'status.json')!r}).read_text())\n"
         "assert status['models']['digits']['revision'].startswith('1.0.0'), status\n"
+    )
+    assert imported == []
+
+
+def test_run_once_that_installs_leaves_no_runtime_or_verifier(world: World, data: Path) -> None:
+    """The install verifies the signature and runs the health check, both in children."""
+    world.publish("1.0.0", 2.0)
+    imported = _imported(
+        "from device_agent.cli import main\n"
+        f"assert main(['run', '--once', '--data-dir', {str(data)!r}]) == 0\n"
+        "from device_agent.state import Journal\n"
+        "import pathlib\n"
+        f"record = Journal.load(pathlib.Path({str(data)!r})).model('digits')\n"
+        "assert [r.healthy for r in record.revisions.values()] == [True], record\n"
     )
     assert imported == []
 
