@@ -312,7 +312,11 @@ class Agent:
                 "kept",
                 current,
                 version,
-                error=f"{version} failed here before: {refused}; waiting for a newer release",
+                error=(
+                    f"{version} failed here before: {refused}; waiting for a newer release "
+                    f"(if the device's own setup was at fault and is mended: "
+                    f"edgepack-agent retry {name})"
+                ),
             )
         cached = mj.revision_for(sha)
         if cached is not None and slots.revision_dir(cached).is_dir():

@@ -155,6 +155,7 @@ def test_retry_forgets_a_failure_and_leaves_the_running_model(world: World, tmp_
     assert poll(data).action == "failed"
     kept = poll(data)
     assert kept.action == "kept" and "failed here before" in str(kept.error)
+    assert f"edgepack-agent retry {MODEL}" in str(kept.error)  # the way out, said where it is met
     # The device's key is mended by hand (the right key restored into DATA): still kept.
     keys.write_private_file(data / "keys" / "recipient.key", keys.private_pem(other, None))
     assert poll(data).action == "kept"
