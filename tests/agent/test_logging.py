@@ -72,6 +72,8 @@ def test_daemon_logs_install_rollback_and_transport_failure(world: World, tmp_pa
         wait_for(lambda: running_version(data) == "1.1.0")
         world.repo.rollback()  # the operator moves the channel back to 1.0.0
         wait_for(lambda: running_version(data) == "1.0.0")
+        world.repo.revoke("1.1.0")
+        wait_for(lambda: "revokes 1.1.0" in log_path.read_text())
         world.server.stop()
         wait_for(lambda: "Connection refused" in log_path.read_text())
         time.sleep(2.0)  # several failed polls: the same reason is said once at WARNING
@@ -97,6 +99,7 @@ def test_daemon_logs_install_rollback_and_transport_failure(world: World, tmp_pa
         rf"info: {MODEL}: installed 1\.1\.0-[0-9a-f]{{12}} \(was 1\.0\.0-[0-9a-f]{{12}}\)",
         rf"info: {MODEL}: rolled back to 1\.0\.0-[0-9a-f]{{12}} \(was 1\.1\.0-[0-9a-f]{{12}}\): "
         r"the channel names 1\.0\.0 again",
+        rf"warning: {MODEL}: the channel revokes 1\.1\.0; it is never installed again",
         r"warning: repository metadata unavailable or expired: .*Connection refused.*; "
         r"the running models keep running",
     ]
