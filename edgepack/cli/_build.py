@@ -93,7 +93,10 @@ def build_command(
         False, "--allow-pickle", help="Allow pickle/joblib model files (they can run code)."
     ),
     recipient: list[Path] = typer.Option(
-        ..., "--recipient", metavar="PUB", help="X25519 public key allowed to decrypt (repeatable)."
+        ...,
+        "--recipient",
+        metavar="PUB",
+        help="X25519 public key allowed to decrypt, one key per file (repeatable).",
     ),
     sign_key: Path | None = SIGN_KEY_OPTION,
     sign_cert: Path | None = SIGN_CERT_OPTION,

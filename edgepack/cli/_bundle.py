@@ -65,7 +65,10 @@ def pack_command(
     name: str = typer.Option(..., "--name", help="Model name: lowercase letters, digits, dashes."),
     version: str = typer.Option(..., "--version", help="Release version, e.g. 1.2.0."),
     recipient: list[Path] = typer.Option(
-        ..., "--recipient", metavar="PUB", help="X25519 public key allowed to decrypt (repeatable)."
+        ...,
+        "--recipient",
+        metavar="PUB",
+        help="X25519 public key allowed to decrypt, one key per file (repeatable).",
     ),
     sign_key: Path | None = SIGN_KEY_OPTION,
     sign_cert: Path | None = SIGN_CERT_OPTION,
