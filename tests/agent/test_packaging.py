@@ -87,7 +87,7 @@ def test_systemd_unit_runs_the_loop_confined_to_its_data_dir() -> None:
     assert service["ReadWritePaths"] == "/var/lib/edgepack"
     assert service["StateDirectoryMode"] == "0750"  # docs/agent.md: DATA 0750
     assert service["UMask"] == "0027"  # models group-readable, never world-readable
-    assert service["RestartPreventExitStatus"] == "3"  # not enrolled: no restart loop
+    assert service["RestartPreventExitStatus"] == "3 5"  # not enrolled, key locked: no loop
     assert unit["Unit"]["ConditionPathExists"] == "/var/lib/edgepack/config.toml"
     text = UNIT.read_text()
     for env in ("TMPDIR=/var/lib/edgepack/tmp", "XDG_CACHE_HOME=/var/lib/edgepack/cache"):
