@@ -60,15 +60,21 @@ class Demo:
         self.step_no += 1
         console.rule(f"[bold cyan]{self.step_no}. {title}")
 
-    def run(self, program: str, *args: str, as_json: bool = True) -> Any:
-        """Run ``edgepack`` or ``edgepack-agent`` with ``args``; return parsed JSON output."""
+    def run(
+        self, program: str, *args: str, as_json: bool = True, ok: tuple[int, ...] = (0,)
+    ) -> Any:
+        """Run ``edgepack`` or ``edgepack-agent`` with ``args``; return parsed JSON output.
+
+        ``ok`` lists the exit codes the step expects (a poll that refuses a bad
+        release on verification exits 4 by design).
+        """
         module = {"edgepack": "edgepack.cli", "edgepack-agent": "device_agent"}[program]
         argv = [sys.executable, "-m", module, *args] + (["--json"] if as_json else [])
         console.print(f"[dim]$ {program} {' '.join(self._short(a) for a in args)}[/dim]")
         proc = subprocess.run(
             argv, env=self.env, capture_output=True, text=True, check=False, timeout=600
         )
-        if proc.returncode != 0:
+        if proc.returncode not in ok:
             raise DemoError(
                 f"{program} {args[0]} failed ({proc.returncode}): {proc.stderr.strip()}"
             )
@@ -270,7 +276,12 @@ def poll(demo: Demo, device: str) -> list[dict[str, Any]]:
     """One ``edgepack-agent run --once``; returns the per-model outcomes."""
     start = time.perf_counter()
     outcomes = demo.run(
-        "edgepack-agent", "run", "--once", "--data-dir", str(demo.devices[device]["data"])
+        "edgepack-agent",
+        "run",
+        "--once",
+        "--data-dir",
+        str(demo.devices[device]["data"]),
+        ok=(0, 4),
     )
     elapsed = time.perf_counter() - start
     for outcome in outcomes or []:
