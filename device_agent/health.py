@@ -161,9 +161,9 @@ def check_revision_isolated(
     the machine's). Raises :class:`HealthCheckError` for every way the check can
     fail, the cause in its message.
     """
-    import json
     import subprocess
-    import sys
+
+    from device_agent import _child
 
     request = {
         "revision_dir": str(revision_dir),
@@ -174,43 +174,25 @@ def check_revision_isolated(
         "memory_mb": memory_mb,
     }
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", _CHILD],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
+        result = _child.call(_CHILD, _RESULT_PREFIX, request, timeout_s)
     except subprocess.TimeoutExpired:
         raise HealthCheckError(
             f"health check failed: the model did not finish its health check in {timeout_s:g} s"
         ) from None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT_PREFIX):
-            result = json.loads(line[len(_RESULT_PREFIX) :])
-            if result.get("error"):
-                raise HealthCheckError(str(result["error"]))
-            return HealthReport(**result["report"])
-    if proc.returncode < 0:
-        import signal
-
-        name = signal.Signals(-proc.returncode).name
-        why = f"the process running the model was killed by {name}"
-    else:
-        why = f"the process running the model exited {proc.returncode}"
-    tail = proc.stderr.strip().splitlines()[-1:] or [""]
-    raise HealthCheckError(
-        f"health check failed: {why}" + (f" ({tail[0][:300]})" if tail[0] else "")
-    )
+    except _child.ChildEndedError as exc:
+        raise HealthCheckError(
+            f"health check failed: the process running the model {exc.why}"
+        ) from None
+    if result.get("error"):
+        raise HealthCheckError(str(result["error"]))
+    return HealthReport(**result["report"])
 
 
 def _child_main() -> None:
     """Run one check from a JSON request on stdin; print the result as one line."""
-    import json
-    import sys
+    from device_agent import _child
 
-    request = json.loads(sys.stdin.read())
+    request = _child.request()
     memory_mb = int(request.get("memory_mb") or 0)
     if memory_mb > 0:
         cap = memory_mb * 2**20
@@ -235,8 +217,7 @@ def _child_main() -> None:
             "error": f"health check failed: the model cannot be loaded or run here "
             f"({type(exc).__name__}: {detail})"
         }
-    sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    _child.answer(_RESULT_PREFIX, result)
 
 
 if __name__ == "__main__":

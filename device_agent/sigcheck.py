@@ -16,14 +16,13 @@ raises the child's error with its message and hint.
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from device_agent import _child
 from edgepack import errors
 from edgepack.signing import SigstoreIdentity, TrustPolicy, VerifiedSignature
 
@@ -78,32 +77,21 @@ def verify_signature_isolated(data: bytes, policy: TrustPolicy) -> VerifiedSigna
     """:func:`edgepack.signing.verify_signature` in a child process; same result, same errors."""
     request = {"signature": base64.b64encode(data).decode(), "policy": _policy_to_json(policy)}
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", _CHILD],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            check=False,
-        )
+        result = _child.call(_CHILD, _RESULT_PREFIX, request, TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise errors.VerificationError(
             f"the producer signature was not verified within {TIMEOUT_S:g} s"
         ) from None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT_PREFIX):
-            result = json.loads(line[len(_RESULT_PREFIX) :])
-            if "error" in result:
-                err = result["error"]
-                cls = _ERRORS.get(str(err.get("type")), errors.VerificationError)
-                raise cls(str(err.get("message")), hint=err.get("hint"))
-            return VerifiedSignature(
-                str(result["signer"]), str(result["model_name"]), dict(result["digests"])
-            )
-    tail = proc.stderr.strip().splitlines()[-1:] or [""]
-    raise errors.VerificationError(
-        f"the producer signature could not be verified: the verifying process exited "
-        f"{proc.returncode}" + (f" ({tail[0][:300]})" if tail[0] else "")
+    except _child.ChildEndedError as exc:
+        raise errors.VerificationError(
+            f"the producer signature could not be verified: the verifying process {exc.why}"
+        ) from None
+    if "error" in result:
+        err = result["error"]
+        cls = _ERRORS.get(str(err.get("type")), errors.VerificationError)
+        raise cls(str(err.get("message")), hint=err.get("hint"))
+    return VerifiedSignature(
+        str(result["signer"]), str(result["model_name"]), dict(result["digests"])
     )
 
 
@@ -111,7 +99,7 @@ def _child_main() -> None:
     """Verify one signature from a JSON request on stdin; print the result as one line."""
     from edgepack.signing import verify_signature
 
-    request = json.loads(sys.stdin.read())
+    request = _child.request()
     result: dict[str, Any]
     try:
         verified = verify_signature(
@@ -124,8 +112,7 @@ def _child_main() -> None:
         }
     except errors.EdgepackError as exc:
         result = {"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}}
-    sys.stdout.write(_RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    _child.answer(_RESULT_PREFIX, result)
 
 
 if __name__ == "__main__":
