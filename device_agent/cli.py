@@ -10,7 +10,7 @@ import typer
 
 from device_agent import cli_enroll
 from device_agent import config as config_mod
-from edgepack._cli_output import JSON_OPTION, emit, new_app, run_cli
+from edgepack._cli_output import JSON_OPTION, emit, new_app, run_cli, version_option
 from edgepack.errors import InvalidInputError
 
 app = new_app("edgepack-agent", "Install and run edgepack models on this device, safely.")
@@ -23,22 +23,8 @@ DATA_DIR_OPTION = typer.Option(
 )
 
 
-def _show_version(value: bool) -> None:
-    if value:
-        from edgepack._version import __version__
-
-        typer.echo(f"edgepack-agent {__version__}")
-        raise typer.Exit(0)
-
-
 def _root(
-    version: bool = typer.Option(
-        False,
-        "--version",
-        callback=_show_version,
-        is_eager=True,
-        help="Print the version and exit.",
-    ),
+    version: bool = version_option("edgepack-agent"),
     verbose: int = typer.Option(
         0, "-v", "--verbose", count=True, show_default=False, help="Log more on stderr (-v: debug)."
     ),

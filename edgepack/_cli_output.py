@@ -75,10 +75,23 @@ def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 
 
+def version_option(prog: str) -> Any:
+    """The ``--version`` option of ``prog``'s root callback (both CLIs use it)."""
+
+    def show_version(value: bool) -> None:
+        if value:
+            from edgepack._version import __version__
+
+            typer.echo(f"{prog} {__version__}")
+            raise typer.Exit(0)
+
+    return typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+    )
+
+
 def new_app(prog: str, summary: str) -> typer.Typer:
     """A command-line app with the settings both CLIs share and a ``--version`` option."""
-    from edgepack._version import __version__
-
     app = typer.Typer(
         name=prog,
         help=summary,
@@ -91,20 +104,7 @@ def new_app(prog: str, summary: str) -> typer.Typer:
         rich_markup_mode=None,
     )
 
-    def show_version(value: bool) -> None:
-        if value:
-            typer.echo(f"{prog} {__version__}")
-            raise typer.Exit(0)
-
-    def root(
-        version: bool = typer.Option(
-            False,
-            "--version",
-            callback=show_version,
-            is_eager=True,
-            help="Print the version and exit.",
-        ),
-    ) -> None:
+    def root(version: bool = version_option(prog)) -> None:
         pass
 
     root.__doc__ = summary
