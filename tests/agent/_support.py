@@ -7,6 +7,8 @@ import hashlib
 import http.server
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -247,3 +249,33 @@ def tree_digest(path: Path) -> str:
         if p.is_file():
             h.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# What a developer's shell may hold that would change what the agent does in a test.
+_AGENT_ENV_UNSET = ("EDGEPACK_", "JOURNAL_", "CREDENTIALS_DIRECTORY")
+
+
+def run_agent(
+    *args: str, data: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real ``edgepack-agent`` program in a subprocess, without a terminal.
+
+    It runs without the caller's ``EDGEPACK_*``, ``JOURNAL_*`` and
+    ``CREDENTIALS_DIRECTORY`` settings, plus ``env``; ``data``, when given, is its
+    ``EDGEPACK_DATA_DIR``.
+    """
+    full = {k: v for k, v in os.environ.items() if not k.startswith(_AGENT_ENV_UNSET)}
+    full.update(env or {})
+    if data is not None:
+        full["EDGEPACK_DATA_DIR"] = str(data)
+    return subprocess.run(
+        [sys.executable, "-m", "device_agent", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        cwd=REPO_ROOT,
+        check=False,
+    )

@@ -8,22 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.agent._support import MODEL, World
+from tests.agent._support import MODEL, World, run_agent
 
 
 def agent(*args: str, env_data: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("EDGEPACK_DATA_DIR", None)
-    if env_data is not None:
-        env["EDGEPACK_DATA_DIR"] = str(env_data)
-    return subprocess.run(
-        [sys.executable, "-m", "device_agent", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    return run_agent(*args, data=env_data)
 
 
 def test_enroll_run_status_list_revert(world: World, tmp_path: Path) -> None:

@@ -5,9 +5,7 @@ re-enrolling with the right key, or with ``edgepack-agent retry NAME``."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,25 +13,14 @@ import pytest
 from device_agent import config, enroll
 from device_agent.slots import Slots
 from edgepack import keys
-from tests.agent._support import MODEL, World, fast_limits
+from tests.agent._support import MODEL, World, fast_limits, run_agent
 from tests.agent.conftest import poll
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _agent(*args: str) -> subprocess.CompletedProcess[str]:
-    unset = ("EDGEPACK_DATA_DIR", "EDGEPACK_PASSPHRASE", "CREDENTIALS_DIRECTORY")
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    return subprocess.run(
-        [sys.executable, "-m", "device_agent", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-        cwd=REPO,
-        check=False,
-    )
+    return run_agent(*args)
 
 
 def _enroll_args(world: World, data: Path, *extra: str) -> list[str]:

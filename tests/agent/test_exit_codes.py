@@ -5,30 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from device_agent import config
 from device_agent.outcome import Outcome, exit_code
 from edgepack import keys
-from tests.agent._support import MODEL, World, fast_limits
+from tests.agent._support import MODEL, World, fast_limits, run_agent
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def agent(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEPACK_", "JOURNAL_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "device_agent", *args, "--data-dir", str(data)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        cwd=ROOT,
-    )
+    return run_agent(*args, "--data-dir", str(data))
 
 
 def set_config(data: Path, **changes: object) -> None:

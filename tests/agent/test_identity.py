@@ -6,9 +6,7 @@ passphrase from --passphrase-env, $EDGEPACK_PASSPHRASE or a systemd credential."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -17,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from device_agent import config, enroll
 from device_agent.selection import Device, select
 from edgepack import keys
-from tests.agent._support import MODEL, World, fast_limits
+from tests.agent._support import MODEL, World, fast_limits, run_agent
 
 REPO = Path(__file__).resolve().parents[2]
 PASSPHRASE = "fleet secret"
@@ -42,26 +40,7 @@ def _pair_matches(key: Path, pub: Path) -> bool:
 
 
 def _agent(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "device_agent", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-        cwd=REPO,
-        check=False,
-    )
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("EDGEPACK_PASSPHRASE", "EDGEPACK_DATA_DIR", "CREDENTIALS_DIRECTORY")
-    }
-    env.update(extra)
-    return env
+    return run_agent(*args, env=env)
 
 
 def test_devices_sharing_a_fleet_key_have_distinct_ids_and_a_rollout_splits(
@@ -156,7 +135,7 @@ def test_an_encrypted_recipient_key_stays_encrypted_and_run_needs_its_passphrase
         "--data-dir",
         str(data),
         "--json",
-        env=_clean_env(FLEET_PASS=PASSPHRASE),
+        env={"FLEET_PASS": PASSPHRASE},
     )
     assert enrolled.returncode == 0, enrolled.stderr
     shown = json.loads(enrolled.stdout)
@@ -169,7 +148,7 @@ def test_an_encrypted_recipient_key_stays_encrypted_and_run_needs_its_passphrase
     world.publish("1.0.0", 2.0)
 
     # No passphrase anywhere: exit 5 at start, a line naming the ways to give one.
-    refused = _agent("run", "--once", "--data-dir", str(data), env=_clean_env())
+    refused = _agent("run", "--once", "--data-dir", str(data), env={})
     assert refused.returncode == 5, refused.stderr
     error = [line for line in refused.stderr.splitlines() if "error" in line]
     assert len(error) == 1 and "--passphrase-env" in error[0]
@@ -185,7 +164,7 @@ def test_an_encrypted_recipient_key_stays_encrypted_and_run_needs_its_passphrase
         "MY_PASS",
         "--data-dir",
         str(data),
-        env=_clean_env(MY_PASS=PASSPHRASE),
+        env={"MY_PASS": PASSPHRASE},
     )
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)[0]["action"] == "installed"
@@ -201,7 +180,7 @@ def test_an_encrypted_recipient_key_stays_encrypted_and_run_needs_its_passphrase
         "--json",
         "--data-dir",
         str(data),
-        env=_clean_env(CREDENTIALS_DIRECTORY=str(credentials)),
+        env={"CREDENTIALS_DIRECTORY": str(credentials)},
     )
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)[0]["action"] == "installed"
