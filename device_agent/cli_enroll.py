@@ -48,6 +48,14 @@ def register(app: typer.Typer) -> None:
             "--recipient-key",
             help="Decrypt with (a copy of) this X25519 key, e.g. a fleet key, not the device's own.",
         ),
+        ca_file: Path | None = typer.Option(
+            None,
+            "--ca-file",
+            help="Verify the repository's HTTPS against these CA certificates (PEM) only.",
+        ),
+        proxy: str | None = typer.Option(
+            None, "--proxy", help="HTTP(S) proxy URL (default: https_proxy / http_proxy)."
+        ),
         passphrase_env: str | None = PASSPHRASE_ENV_OPTION,
         data_dir: Path | None = DATA_DIR_OPTION,
         as_json: bool = JSON_OPTION,
@@ -67,6 +75,8 @@ def register(app: typer.Typer) -> None:
             trust=trust,
             recipient_key=recipient_key,
             passphrase_env=passphrase_env,
+            ca_file=ca_file,
+            proxy=proxy,
         )
         data = {
             "device_id": result.device_id,

@@ -287,6 +287,21 @@ def _forget_failures(data_dir: Path, profile_changed: bool) -> tuple[str, ...]:
     return tuple(cleared)
 
 
+def _transport(ca_file: Path | None, proxy: str | None) -> dict[str, str]:
+    """The ``ca_file`` and ``proxy`` settings given, checked as the agent will use them."""
+    from device_agent.fetcher import AgentFetcher
+
+    settings: dict[str, str] = {}
+    if ca_file is not None:
+        settings["ca_file"] = str(ca_file.absolute())
+    if proxy is not None:
+        settings["proxy"] = proxy
+    if settings:
+        # one line and exit 3 on a bad file or URL
+        AgentFetcher(ca_file=settings.get("ca_file", ""), proxy=settings.get("proxy", ""))
+    return settings
+
+
 def enroll(
     data_dir: Path,
     *,
@@ -300,6 +315,8 @@ def enroll(
     recipient_key: Path | None = None,
     limits: Limits | None = None,
     passphrase_env: str | None = None,
+    ca_file: Path | None = None,
+    proxy: str | None = None,
 ) -> Enrolment:
     """Enrol this device; everything written stays inside ``data_dir``.
 
@@ -309,7 +326,7 @@ def enroll(
 
     Re-enrolling keeps the identity and device id, the hand-set ``[limits]``
     (unless ``limits`` is given) and the other settings of ``config.toml`` that
-    enrolment does not set; when the recipient key, trust policy, profile or
+    enrolment does not set (``ca_file`` and ``proxy`` too, unless given); when the recipient key, trust policy, profile or
     channel changes, the failure marks they may have caused are cleared, so the
     next poll tries those releases again. It holds ``DATA/.lock``: a running
     poll finishes first (restart a running daemon afterwards; it read its
@@ -330,6 +347,7 @@ def enroll(
         raise InvalidInputError(f"cannot read the root metadata {root}: {exc}") from None
     given = _open_given(recipient_key, passphrase_env)  # refused before anything is written
     trust_bytes = _read_trust(trust)
+    transport = _transport(ca_file, proxy)  # a CA file or proxy the agent could not use
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o750)  # the agent's user and the applications' group only
@@ -359,6 +377,7 @@ def enroll(
             "profile": profile,
             "trust_policy": _trust(keys_dir, trust, trust_bytes),
             "recipient_key": str(key_path),
+            **transport,
         }
         if previous is not None and previous.metadata_url:
             # Re-enrolment: the same device, its hand-set limits and other settings kept.

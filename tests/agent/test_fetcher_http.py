@@ -38,7 +38,7 @@ from device_agent.errors import ConfigError
 from device_agent.fetcher import MAX_REDIRECTS, AgentFetcher, RedirectRefusedError
 from device_agent.outcome import exit_code_of
 from edgepack.errors import EdgepackError
-from tests.agent._support import World, fast_limits
+from tests.agent._support import MODEL, World, fast_limits, run_agent
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
@@ -610,3 +610,46 @@ def test_an_unreachable_server_is_one_readable_line_naming_the_url() -> None:
     assert message.startswith(f"cannot reach {url}: ") and "Connection refused" in message
     assert "Connection(" not in message and " object at " not in message
     assert exit_code_of(info.value) == 7
+
+
+def test_enroll_ca_file_and_proxy_are_checked_written_and_kept(
+    world: World, tmp_path: Path, private_ca: PrivateCA
+) -> None:
+    d = tmp_path / "dev"
+    bad = run_agent(*_enroll_cli(world, d), "--ca-file", str(tmp_path / "missing.pem"))
+    assert bad.returncode == 3 and "missing.pem" in bad.stderr, bad.stderr
+    assert not (d / "config.toml").exists()  # refused before anything is written
+    bad = run_agent(*_enroll_cli(world, d), "--proxy", "proxy.example:3128")
+    assert bad.returncode == 3 and "not an http:// or https:// URL" in bad.stderr, bad.stderr
+    assert not (d / "config.toml").exists()
+    good = run_agent(
+        *_enroll_cli(world, d),
+        "--ca-file",
+        str(private_ca.ca_file),
+        "--proxy",
+        "http://127.0.0.1:3128",
+    )
+    assert good.returncode == 0, good.stderr
+    cfg = config.load(d)
+    assert (cfg.ca_file, cfg.proxy) == (str(private_ca.ca_file), "http://127.0.0.1:3128")
+    again = run_agent(*_enroll_cli(world, d))  # re-enrolling without them keeps them
+    assert again.returncode == 0, again.stderr
+    assert config.load(d).ca_file == str(private_ca.ca_file)
+
+
+def _enroll_cli(world: World, data: Path) -> list[str]:
+    return [
+        "enroll",
+        "--repo-url",
+        world.server.url,
+        "--root",
+        str(world.root_json),
+        "--model",
+        MODEL,
+        "--trust",
+        str(world.producer_pub),
+        "--recipient-key",
+        str(world.fleet_key_path),
+        "--data-dir",
+        str(data),
+    ]
