@@ -49,7 +49,8 @@ def test_agent_modules_import_no_builder_package() -> None:
 # the builder are not. onnxruntime and numpy load only in the health check's child process,
 # the producer-signature verifier (model-signing, sigstore) only in device_agent.sigcheck's.
 OPERATOR_SIDE = ("edgepack.cli", "edgepack.repo", "edgepack.build")
-RUNTIME = ("onnxruntime", "numpy", "model_signing", "sigstore", "sigstore_models")
+# pydantic: typer 0.29 imported it to parse every option (10 MB); typer is pinned below it.
+RUNTIME = ("onnxruntime", "numpy", "model_signing", "sigstore", "sigstore_models", "pydantic")
 
 
 def _imported(code: str) -> list[str]:
