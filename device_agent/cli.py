@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,14 @@ def report_bad(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgepack-agent`` console script."""
-    code = run_cli(app, "edgepack-agent", argv if argv is not None else sys.argv[1:])
+    from device_agent import logs
+
+    code = run_cli(
+        app,
+        "edgepack-agent",
+        argv if argv is not None else sys.argv[1:],
+        error_prefix=f"<{logs.priority(logging.ERROR)}>" if logs.stderr_is_journal() else "",
+    )
     if argv is None:
         sys.exit(code)
     return code

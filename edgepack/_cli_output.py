@@ -18,22 +18,25 @@ import typer
 from edgepack.errors import EdgepackError
 
 
-def run_cli(app: typer.Typer, prog: str, argv: list[str]) -> int:
+def run_cli(app: typer.Typer, prog: str, argv: list[str], *, error_prefix: str = "") -> int:
     """Run a typer app, turning our errors into one line and an exit code.
 
     Typer's own usage errors keep click's exit code 2. Anything else that
     escapes is a bug; it is reported in one line too, never as a traceback.
+    ``error_prefix`` starts each of those lines (the agent passes ``<3>``, the
+    journal's "error" priority, when its stderr is the journal).
     """
+    who = error_prefix + prog
     try:
         # Without standalone mode click returns a ``typer.Exit(code)``'s code, not raise it.
         result = app(args=argv, prog_name=prog, standalone_mode=False)
     except EdgepackError as exc:
-        typer.echo(f"{prog}: error: {exc.diagnostics()}", err=True)
+        typer.echo(f"{who}: error: {exc.diagnostics()}", err=True)
         return exc.exit_code
     except (typer.Exit, click.exceptions.Exit) as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
     except (typer.Abort, click.exceptions.Abort):
-        typer.echo(f"{prog}: aborted", err=True)
+        typer.echo(f"{who}: aborted", err=True)
         return 130
     except (typer.TyperException, click.ClickException) as exc:
         # Usage and parameter errors (typer vendors click; both spellings are caught).
@@ -41,14 +44,14 @@ def run_cli(app: typer.Typer, prog: str, argv: list[str]) -> int:
         if callable(show):
             show()
         else:
-            typer.echo(f"{prog}: error: {exc}", err=True)
+            typer.echo(f"{who}: error: {exc}", err=True)
         return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        typer.echo(f"{prog}: interrupted", err=True)
+        typer.echo(f"{who}: interrupted", err=True)
         return 130
     except Exception as exc:  # a bug: still one line, with what to report
         typer.echo(
-            f"{prog}: internal error: {type(exc).__name__}: {exc} "
+            f"{who}: internal error: {type(exc).__name__}: {exc} "
             "(this is a bug; set EDGEPACK_DEBUG=1 for a traceback)",
             err=True,
         )

@@ -166,6 +166,10 @@ def test_journal_lines_carry_priorities(world: World, data: Path, tmp_path: Path
         re.fullmatch(rf"<6>{MODEL}: installed 1\.0\.0-[0-9a-f]{{12}} \(was nothing\)", x)
         for x in lines
     )
+    (data / "config.toml").write_text("not toml [")  # the error line of the CLI itself
+    assert run_into_journal(data, err_path) == 3
+    assert err_path.read_text().startswith("<3>edgepack-agent: error: "), err_path.read_text()
+    world.enroll(data)
     world.server.stop()
     assert run_into_journal(data, err_path) == 7
     assert err_path.read_text().startswith("<4>repository metadata unavailable")
