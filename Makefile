@@ -17,7 +17,7 @@ $(VENV)/.stamp-dev: pyproject.toml constraints-dev.txt
 $(VENV)/.stamp-demo: pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-dev.txt -e '.[builder]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[builder,fleet]'
 	touch $@
 
 demo: $(VENV)/.stamp-demo

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, the services the end-to-end tests start on
-# loopback: nginx (a production web server in front of the repository), and the tools
+# loopback: nginx (a production web server in front of the repository), PostgreSQL (the
+# fleet store's production database: tests/pg.py runs its own initdb/pg_ctl cluster in
+# a temporary directory), Chromium (the headless browser the fleet dashboard's test
+# drives through Playwright), and the tools
 # tests/agent/test_packaging.py checks the systemd unit with (systemd-analyze,
 # systemd-sysusers, systemd-tmpfiles: Debian's systemd; no systemd needs to run). The
 # tests start and stop their own nginx; the system one the package starts is stopped.
@@ -12,14 +15,17 @@ set -euo pipefail
 
 # tool:package for every program the tests start (EDGEPACK_SERVICES, space-separated,
 # replaces the list: the tests use it to exercise the skip path).
-read -r -a SERVICES <<<"${EDGEPACK_SERVICES:-nginx:nginx systemd-analyze:systemd}"
+read -r -a SERVICES <<<"${EDGEPACK_SERVICES:-nginx:nginx systemd-analyze:systemd initdb:postgresql chromium:chromium}"
 
 if [ "${1:-}" = "--packages" ]; then
     for spec in "${SERVICES[@]}"; do echo "${spec#*:}"; done | sort -u
     exit 0
 fi
 
-present() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+# Debian keeps PostgreSQL's server programs off PATH, in /usr/lib/postgresql/VERSION/bin.
+present() {
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || compgen -G "/usr/lib/postgresql/*/bin/$1" >/dev/null
+}
 
 need=()
 for spec in "${SERVICES[@]}"; do
@@ -44,6 +50,8 @@ export DEBIAN_FRONTEND=noninteractive
 # The package starts a system nginx on port 80; the tests run their own instances.
 if command -v systemctl >/dev/null 2>&1; then "${SUDO[@]}" systemctl disable --now nginx >/dev/null 2>&1 || true; fi
 "${SUDO[@]}" pkill -x nginx >/dev/null 2>&1 || true
+# Likewise the cluster the postgresql package starts: the tests run their own.
+if command -v systemctl >/dev/null 2>&1; then "${SUDO[@]}" systemctl disable --now postgresql >/dev/null 2>&1 || true; fi
 for spec in "${SERVICES[@]}"; do
     present "${spec%%:*}" || { echo "install-services: ${spec%%:*} is still missing after installing ${spec#*:}" >&2; exit 1; }
 done
