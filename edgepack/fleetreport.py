@@ -65,6 +65,7 @@ MODEL_KEYS = {
     "version",
     "cohort_bucket",
     "state",
+    "pending",
     "last_action",
     "last_error",
     "refused",
@@ -233,7 +234,7 @@ def parse_report(data: bytes) -> dict[str, Any]:
         if not isinstance(entry, dict):
             raise InvalidInputError(f"{where} is not an object")
         _keys(entry, MODEL_KEYS, where)
-        for key in ("channel", "revision", "version", "state", "last_action"):
+        for key in ("channel", "revision", "version", "state", "pending", "last_action"):
             _text(entry[key], f"{where} {key}", optional=key != "channel", limit=128)
         _text(entry["last_error"], f"{where} last_error", optional=True)
         _number(entry["cohort_bucket"], f"{where} cohort_bucket", optional=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edgepack.errors import EdgepackError
+
 
 @dataclass(frozen=True)
 class Device:
@@ -44,6 +46,7 @@ class ModelState:
     last_action: str | None
     last_error: str | None
     refused: dict[str, str]
+    pending: str | None
     health_latency_ms: float | None
     stale: bool
     reported_at: float
@@ -65,6 +68,41 @@ class Decision:
     reason: str
     decided_at: float
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReleaseHealth:
+    """How one release of one model channel fares, from fresh reports only.
+
+    ``running``: devices that run it; ``failed``: devices that refused it or whose
+    health check failed it, by reason; ``installing``: devices with it pending;
+    ``stale``: devices whose last report is older than the stale bound (or that
+    say they are stale) — counted here but never in ``rate``. ``rate`` is
+    failed / (failed + running), None when nothing fresh speaks of the release.
+    """
+
+    model: str
+    channel: str
+    version: str
+    running: int
+    failed: dict[str, int]
+    installing: int
+    stale: int
+
+    @property
+    def failures(self) -> int:
+        """Devices that failed the release, whatever the reason."""
+        return sum(self.failed.values())
+
+    @property
+    def rate(self) -> float | None:
+        """The failure rate among fresh devices that ran or tried the release."""
+        total = self.running + self.failures
+        return None if total == 0 else self.failures / total
+
+
+class StoreUnavailableError(EdgepackError):
+    """The database cannot be reached or failed mid-transaction: nothing was stored."""
 
 
 class RefusedError(Exception):
