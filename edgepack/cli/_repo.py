@@ -314,11 +314,62 @@ def promote_command(
     channel: str = typer.Option(..., "--channel", help="stable, candidate, beta or edge."),
     rollout: float = typer.Option(100.0, "--rollout", metavar="PERCENT", help="Staged rollout."),
     cohort: list[str] = typer.Option([], "--cohort", metavar="NAME", help="Restrict to cohort."),
+    halt_on_failure: str | None = typer.Option(
+        None,
+        "--halt-on-failure",
+        metavar="PERCENT",
+        help="Have `edgepack fleet watch` watch this rollout: stop it when this share of "
+        "fresh devices fails it (5% or 5).",
+    ),
+    min_devices: str | None = typer.Option(
+        None,
+        "--min-devices",
+        metavar="N",
+        help="With --halt-on-failure: decide only once N fresh devices report (default 1).",
+    ),
+    on_failure: str | None = typer.Option(
+        None,
+        "--on-failure",
+        metavar="halt|rollback",
+        help="What crossing the threshold does: halt (stop widening) or rollback (default halt).",
+    ),
+    widen: str | None = typer.Option(
+        None,
+        "--widen",
+        metavar="STEPS",
+        help="Rollout percentages to widen through while healthy, e.g. 25,50,100.",
+    ),
+    widen_after: str | None = typer.Option(
+        None,
+        "--widen-after",
+        metavar="DURATION",
+        help="With --widen: time healthy at each step before the next (30s, 10m, 6h, 2d).",
+    ),
     key: str | None = OPERATOR_KEY,
     passphrase_env: str | None = PASSPHRASE_ENV,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Make a release current on a channel (optionally staged or for cohorts)."""
+    """Make a release current on a channel (optionally staged or for cohorts).
+
+    With --halt-on-failure the rollout is recorded in WORKDIR/rollouts.json for
+    `edgepack fleet watch`, which halts, rolls back or widens it; a promote
+    without these options stops watching the channel.
+    """
+    from edgepack.repo._rollouts import BadOptionError, make_policy
+
+    devices: int | None = None
+    if min_devices is not None:
+        if not min_devices.strip().isdigit():
+            raise BadOptionError(f"--min-devices takes a whole number, not {min_devices!r}")
+        devices = int(min_devices)
+    policy = make_policy(
+        halt_on_failure=halt_on_failure,
+        min_devices=devices,
+        on_failure=on_failure,
+        widen=widen,
+        widen_after=widen_after,
+        rollout=rollout,
+    )
     result = repo.promote(
         workdir,
         name,
@@ -328,8 +379,15 @@ def promote_command(
         cohorts=cohort,
         key=key,
         passphrase=_passphrases(passphrase_env),
+        policy=policy,
     )
     _emit_documents(result, as_json)
+    if policy is not None and not as_json:
+        steps = f"; widen to {', '.join(f'{s:g}%' for s in policy.widen)}" if policy.widen else ""
+        typer.echo(
+            f"watched: {policy.on_failure} at {policy.halt_on_failure * 100:g}% failures "
+            f"of at least {policy.min_devices} fresh devices{steps}"
+        )
 
 
 def rollback_command(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgepack import channel as ch
 from edgepack.errors import InvalidInputError, KeyFileError
-from edgepack.repo import _channels, _models
+from edgepack.repo import _channels, _models, _rollouts
 from edgepack.repo._keys import (
     PassphraseSource,
     generate_role_key,
@@ -232,16 +232,25 @@ def change_channels(
     passphrase: PassphraseSource,
     key: str | None = None,
     now: datetime | None = None,
+    after: Callable[[list[ch.ChannelDocument]], None] | None = None,
 ) -> Result:
-    """Stage the documents ``build`` returns under the operators' role, and commit."""
+    """Stage the documents ``build`` returns under the operators' role, and commit.
+
+    ``after`` runs under the same lock once they are committed (also when there
+    are none), so the rollout records beside the repository move with them.
+    """
     paths, _settings, store = open_store(workdir, passphrase, now)
     with publish_lock(paths):
         docs = build(store)
         if not docs:
+            if after is not None:
+                after([])
             return Result({}, {"documents": []})
         signers = store.signers(OPERATORS, [key] if key else None)
         _channels.stage_documents(store, docs, signers)
         result = store.commit()
+        if after is not None:
+            after(docs)
     return Result(result.versions, {"documents": [d.to_dict() for d in docs]})
 
 
@@ -256,8 +265,16 @@ def promote(
     cohorts: Sequence[str] = (),
     key: str | None = None,
     now: datetime | None = None,
+    policy: _rollouts.Policy | None = None,
 ) -> Result:
-    """Make ``version`` the current release of ``channel`` (with rollout and cohorts)."""
+    """Make ``version`` the current release of ``channel`` (with rollout and cohorts).
+
+    With a rollout ``policy`` the release is recorded for ``fleet watch`` to watch
+    (WORKDIR/rollouts.json); without one, any earlier record of the channel goes.
+    """
+    if policy is not None:
+        policy.check(rollout)
+    when = (now or utcnow()).timestamp()
     return change_channels(
         workdir,
         lambda s: [
@@ -266,6 +283,7 @@ def promote(
         passphrase=passphrase,
         key=key,
         now=now,
+        after=lambda docs: _rollouts.record_promote(workdir, docs, policy, when),
     )
 
 
@@ -279,13 +297,17 @@ def rollback(
     key: str | None = None,
     now: datetime | None = None,
 ) -> Result:
-    """Publish a newer channel document naming an older release."""
+    """Publish a newer channel document naming an older release (ends a watched rollout)."""
+    when = (now or utcnow()).timestamp()
     return change_channels(
         workdir,
         lambda s: [_channels.rollback(s, name, channel, to_version)],
         passphrase=passphrase,
         key=key,
         now=now,
+        after=lambda docs: _rollouts.record_ended(
+            workdir, name, [d.channel for d in docs], None, "rolled back by hand", when
+        ),
     )
 
 
@@ -298,13 +320,17 @@ def revoke(
     key: str | None = None,
     now: datetime | None = None,
 ) -> Result:
-    """List ``version`` as revoked in every channel of the model."""
+    """List ``version`` as revoked in every channel of the model (ends its watched rollouts)."""
+    when = (now or utcnow()).timestamp()
     return change_channels(
         workdir,
         lambda s: _channels.revoke(s, name, version),
         passphrase=passphrase,
         key=key,
         now=now,
+        after=lambda docs: _rollouts.record_ended(
+            workdir, name, [d.channel for d in docs], version, "revoked by hand", when
+        ),
     )
 
 
