@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -392,3 +393,63 @@ def test_two_watchers_at_once_make_one_decision_and_one_publish(
         assert len(list(metadata.glob("*.operators.json"))) == operators_before + 1
     finally:
         rig.store.close()
+
+
+def test_the_loop_decides_and_stops_on_sigterm(rig: Rig) -> None:
+    rig.promote()
+    now = datetime.now(timezone.utc).timestamp()
+    rig.failing(rig.devices[:3], now)
+    argv = [sys.executable, "-m", "edgepack.cli", "fleet", "watch", "--interval", "1s", "--json"]
+    argv += ["--db", rig.store.url, "--repo", str(rig.workdir)]  # no key: halting needs none
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not rig.store.decisions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # at least one more pass, which decides nothing more
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert [(d["action"], d["step"]) for d in lines] == [("halt", 10.0)]
+    assert "halt at 10%" in err.decode() and "SIGTERM" in err.decode()
+    assert rig.record().state == "halted"
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--interval", "soon"], "--interval takes a duration"),
+        (["--stale-after", "0s"], "--stale-after takes a duration"),
+    ],
+)
+def test_watch_with_bad_options_exits_2_in_one_line(
+    rig: Rig, flags: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["fleet", "watch", "--once", "--db", rig.store.url, "--repo", str(rig.workdir)]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err
+
+
+def test_watch_of_a_missing_repository_is_one_line(
+    rig: Rig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["fleet", "watch", "--once", "--db", rig.store.url, "--repo", str(tmp_path / "none")]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("edgepack: error: ")
+
+
+def test_revoking_the_watched_release_by_hand_ends_the_watch(rig: Rig) -> None:
+    rig.promote(on_failure="rollback")
+    repo.revoke(rig.workdir, "digits", "2.0.0", passphrase=repo.no_passphrase, now=BASE)
+    assert rig.record().state == "rolled-back"
+    assert rig.record().reason == "revoked by hand"
+    rig.failing(rig.devices[:3], T0 + 60)
+    assert rig.watch(T0 + 120) == []
