@@ -356,7 +356,7 @@ def test_two_watchers_at_once_make_one_decision_and_one_publish(
     else:
         from tests.pg import create_database
 
-        url = create_database(request.getfixturevalue("pg_url"), "watch_two")
+        url = create_database(request.getfixturevalue("pg_url"), f"watch_{os.getpid()}")
     rig = make_rig(template, tmp_path, url, count=4)
     try:
         rig.promote(on_failure="rollback")
