@@ -297,14 +297,16 @@ def publish_command(
     emit({"versions": result.versions, **result.summary}, as_json, human)
 
 
-def _emit_documents(result: repo.Result, as_json: bool) -> None:
+def _emit_documents(
+    result: repo.Result, as_json: bool, extra: dict[str, Any] | None = None
+) -> None:
     def human() -> None:
         for doc in result.summary["documents"]:
             cur = doc["current"]
             now = "none" if cur is None else f"{cur['version']} at {cur['rollout']:g}%"
             typer.echo(f"{doc['model']}/{doc['channel']} #{doc['sequence']}: {now}")
 
-    emit({"versions": result.versions, **result.summary}, as_json, human)
+    emit({"versions": result.versions, **result.summary, **(extra or {})}, as_json, human)
 
 
 def promote_command(
@@ -355,6 +357,8 @@ def promote_command(
     `edgepack fleet watch`, which halts, rolls back or widens it; a promote
     without these options stops watching the channel.
     """
+    from dataclasses import asdict
+
     from edgepack.repo._rollouts import BadOptionError, make_policy
 
     devices: int | None = None
@@ -381,7 +385,8 @@ def promote_command(
         passphrase=_passphrases(passphrase_env),
         policy=policy,
     )
-    _emit_documents(result, as_json)
+    watched = None if policy is None else {**asdict(policy), "widen": list(policy.widen)}
+    _emit_documents(result, as_json, {"rollout_policy": watched})
     if policy is not None and not as_json:
         steps = f"; widen to {', '.join(f'{s:g}%' for s in policy.widen)}" if policy.widen else ""
         typer.echo(

@@ -80,7 +80,7 @@ class Rig:
         """The operators' key the watcher is given."""
         return str(self.workdir / "keys" / "operators.key")
 
-    def promote(self, **policy: Any) -> None:
+    def promote(self, cohorts: tuple[str, ...] = (), **policy: Any) -> None:
         """2.0.0 at 10% on stable, watched under ``policy`` (make_policy's arguments)."""
         options: dict[str, Any] = {
             "halt_on_failure": "5%",
@@ -96,6 +96,7 @@ class Rig:
             "2.0.0",
             channel="stable",
             rollout=10,
+            cohorts=cohorts,
             passphrase=repo.no_passphrase,
             now=BASE,
             policy=_rollouts.make_policy(rollout=10, **options),
@@ -248,6 +249,14 @@ def test_a_healthy_rollout_widens_after_the_wait_not_before(rig: Rig) -> None:
     assert [d.step for d in rig.store.decisions()] == [25, 50, 100]
 
 
+def test_widening_keeps_the_cohorts(rig: Rig) -> None:
+    rig.promote(cohorts=("lab",), widen="50", widen_after="1h")
+    rig.running(rig.devices[:3], T0 + 60)
+    assert [d.step for d in rig.watch(T0 + HOUR, stale_after_s=86400)] == [50]
+    current = rig.document().current
+    assert (current.version, current.rollout, current.cohorts) == ("2.0.0", 50, ("lab",))
+
+
 def test_no_widening_without_enough_fresh_devices(rig: Rig) -> None:
     rig.promote(widen="25", widen_after="1h")
     rig.running(rig.devices[:2], T0 + 60)  # healthy, but two devices vouch for it, not three
@@ -345,6 +354,15 @@ def test_promote_with_policy_flags_records_the_rollout(
     assert (record.version, record.state, record.step) == ("2.0.0", "watching", 10)
     assert record.policy == _rollouts.Policy(0.05, 3, "rollback", (25, 50, 100), 6 * HOUR)
     assert "watched: rollback at 5% failures" in capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["rollout_policy"]
+    assert shown == {
+        "halt_on_failure": 0.05,
+        "min_devices": 3,
+        "on_failure": "rollback",
+        "widen": [25, 50, 100],
+        "widen_after_s": 6 * HOUR,
+    }
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
