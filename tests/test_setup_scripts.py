@@ -41,6 +41,10 @@ def test_services_name_nginx() -> None:
     assert "nginx" in _packages(SERVICES)
 
 
+def test_services_name_postgresql_for_the_fleet_store_tests() -> None:
+    assert "postgresql" in _packages(SERVICES)  # tests/pg.py runs initdb and pg_ctl from it
+
+
 def test_unknown_option_is_a_usage_error() -> None:
     out = subprocess.run(
         [str(EMULATION), "--bogus"], capture_output=True, text=True, check=False, timeout=30

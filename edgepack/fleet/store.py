@@ -101,6 +101,26 @@ class ReleaseHealth:
         return None if total == 0 else self.failures / total
 
 
+STATUS_COLUMNS = (
+    "device_id",
+    "models",  # the device's registered models, as JSON text (None beside a state)
+    "device_channel",  # the device's registered channel (None beside a state)
+    "last_seen",
+    "revoked_at",
+    "model",
+    "channel",
+    "version",
+    "pending",
+    "state",
+    "last_action",
+    "last_error",
+    "refused",  # JSON text
+    "stale",  # 0 or 1
+    "reported_at",
+)
+"""The columns of :meth:`FleetStore.status_rows`, in order."""
+
+
 class StoreUnavailableError(EdgepackError):
     """The database cannot be reached or failed mid-transaction: nothing was stored."""
 
@@ -147,6 +167,14 @@ class FleetStore(Protocol):
 
     def states(self, model: str | None = None, channel: str | None = None) -> list[ModelState]:
         """The last reported state of every (device, model), filtered."""
+
+    def status_rows(
+        self, model: str | None = None, channel: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """What ``fleet status`` reads, in one query (fast at 100k devices): a row per
+        device and reported model matching the filter, or one row with the state's
+        columns None for a device with no such state; by device id, then model.
+        The columns are :data:`STATUS_COLUMNS`."""
 
     def last_report(self, device_id: str) -> dict[str, Any] | None:
         """The device's last stored report document, or None."""

@@ -1,0 +1,248 @@
+"""How releases fare across the fleet: the figures ``fleet status``, the dashboard and
+``fleet watch`` share.
+
+Pure aggregation over one read of the store's model states (and, for the status,
+its devices and decisions): no SQL here, so both backends give the same figures,
+and one tight loop keeps ``fleet status`` under a second at 100k devices.
+
+A device's state *speaks of* a release when the release is the version it runs,
+the one it has pending, or one it refused. Per release each device counts once,
+in the first class that fits: **stale** (its report is older than the bound, or
+says it is stale — counted, never in a rate), **failed** (it refused the release,
+or its last action failed with the release pending; grouped by the first clause
+of the reason, so "health check failed: 512 ms" and "health check failed: 480 ms"
+are one reason), **running**, **installing** (pending, not failed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from edgepack.fleet.store import FleetStore, ModelState, ReleaseHealth
+
+_CLAUSE_END = re.compile(r"[:;,(\n]| - | — ")
+REASON_LIMIT = 80
+"""A reason's first clause is cut to this many characters."""
+
+
+@lru_cache(maxsize=4096)
+def reason_key(text: str | None) -> str:
+    """The first clause of a failure reason, so that similar reasons group."""
+    if not text or not text.strip():
+        return "failed"
+    head = _CLAUSE_END.split(text.strip(), maxsplit=1)[0].strip() or text.strip()
+    return head[:REASON_LIMIT]
+
+
+@dataclass
+class _Tally:
+    running: int = 0
+    installing: int = 0
+    stale: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    devices: list[str] = field(default_factory=list)
+
+
+def is_stale(state: ModelState, *, now: float, stale_after_s: float) -> bool:
+    """Whether a state is too old to count (or the device said it was stale)."""
+    return state.stale or now - state.reported_at > stale_after_s
+
+
+def _count(
+    tallies: dict[tuple[str, str, str], _Tally],
+    device_id: str,
+    model: str,
+    channel: str,
+    version: str | None,
+    pending: str | None,
+    refused: dict[str, str],
+    last_action: str | None,
+    last_error: str | None,
+    stale: bool,
+) -> None:
+    """Count one device's state of one model in every release it speaks of."""
+    if not refused and pending is None:
+        # The common case: a device that runs one version and wants nothing else.
+        if version is None:
+            return
+        key = (model, channel, version)
+        t = tallies.get(key)
+        if t is None:
+            t = tallies[key] = _Tally()
+        t.devices.append(device_id)
+        if stale:
+            t.stale += 1
+        else:
+            t.running += 1
+        return
+    for v in dict.fromkeys(x for x in (version, pending, *refused) if x is not None):
+        key = (model, channel, v)
+        t = tallies.get(key)
+        if t is None:
+            t = tallies[key] = _Tally()
+        t.devices.append(device_id)
+        if stale:
+            t.stale += 1
+        elif v in refused:
+            t.failed[reason_key(refused[v])] += 1
+        elif last_action == "failed" and pending == v:
+            t.failed[reason_key(last_error)] += 1
+        elif v == version:
+            t.running += 1
+        else:
+            t.installing += 1
+
+
+def _tally(
+    states: list[ModelState], *, now: float, stale_after_s: float
+) -> dict[tuple[str, str, str], _Tally]:
+    tallies: dict[tuple[str, str, str], _Tally] = {}
+    oldest = now - stale_after_s
+    for s in states:
+        _count(
+            tallies,
+            s.device_id,
+            s.model,
+            s.channel,
+            s.version,
+            s.pending,
+            s.refused,
+            s.last_action,
+            s.last_error,
+            s.stale or s.reported_at < oldest,
+        )
+    return tallies
+
+
+def _health(model: str, channel: str, version: str, t: _Tally | None) -> ReleaseHealth:
+    t = t or _Tally()
+    return ReleaseHealth(
+        model=model,
+        channel=channel,
+        version=version,
+        running=t.running,
+        failed=dict(sorted(t.failed.items())),
+        installing=t.installing,
+        stale=t.stale,
+    )
+
+
+def release_health(
+    store: FleetStore, model: str, channel: str, version: str, *, now: float, stale_after_s: float
+) -> ReleaseHealth:
+    """How ``version`` of ``model`` on ``channel`` fares (see the module's rules)."""
+    tallies = _tally(store.states(model, channel), now=now, stale_after_s=stale_after_s)
+    return _health(model, channel, version, tallies.get((model, channel, version)))
+
+
+def fleet_status(
+    store: FleetStore,
+    *,
+    model: str | None = None,
+    channel: str | None = None,
+    now: float,
+    stale_after_s: float,
+    unseen_since: float | None = None,
+) -> dict[str, Any]:
+    """The fleet at a glance, JSON-ready: ``releases`` (per model, channel and version:
+    running, installing, failed by reason, failure_rate, stale, the devices that speak
+    of it), ``devices`` (each one's last report, model by model), ``unseen`` (registered,
+    not revoked, never seen or not since ``unseen_since``) and ``decisions``.
+
+    ``model`` and ``channel`` narrow every part; a device is listed when one of its
+    reported states matches, or when it is registered to follow the model (channel)
+    and has not reported it.
+    """
+    oldest = now - stale_after_s
+    tallies: dict[tuple[str, str, str], _Tally] = {}
+    devices: list[dict[str, Any]] = []
+    unseen: list[str] = []
+    follows: dict[tuple[str, str], bool] = {}
+    entry: dict[str, Any] = {}
+    current = None
+    loads = json.loads
+    for (
+        device_id, registered, device_channel, seen, revoked_at,
+        m, c, version, pending, state, action, error, refused_text, stale_flag, reported_at,
+    ) in store.status_rows(model, channel):  # fmt: skip
+        if device_id != current:
+            current = device_id
+            if m is None and (model is not None or channel is not None):
+                key = (registered, device_channel)
+                ok = follows.get(key)
+                if ok is None:
+                    ok = follows[key] = (model is None or model in loads(registered)) and (
+                        channel is None or channel == device_channel
+                    )
+                if not ok:
+                    continue
+            revoked = revoked_at is not None
+            entry = {
+                "device_id": device_id,
+                "last_seen": seen,
+                "stale": seen is not None and seen < oldest,
+                "revoked": revoked,
+                "models": {},
+            }
+            devices.append(entry)
+            if not revoked and (seen is None or (unseen_since is not None and seen < unseen_since)):
+                unseen.append(device_id)
+        if m is None:
+            continue
+        stale = bool(stale_flag) or reported_at < oldest
+        if stale:
+            entry["stale"] = True
+        entry["models"][m] = {
+            "channel": c,
+            "version": version,
+            "pending": pending,
+            "state": state,
+            "last_action": action,
+            "last_error": error,
+        }
+        if refused_text == "{}" and pending is None and version is not None:
+            # The common case, inlined (most of 100k rows): one version, nothing else.
+            t = tallies.get((m, c, version))
+            if t is None:
+                t = tallies[(m, c, version)] = _Tally()
+            t.devices.append(device_id)
+            if stale:
+                t.stale += 1
+            else:
+                t.running += 1
+            continue
+        refused = {} if refused_text == "{}" else loads(refused_text)
+        _count(tallies, device_id, m, c, version, pending, refused, action, error, stale)
+
+    releases = []
+    for (rm, rc, rv), t in sorted(tallies.items()):
+        health = _health(rm, rc, rv, t)
+        releases.append(
+            {
+                "model": rm,
+                "channel": rc,
+                "version": rv,
+                "running": health.running,
+                "installing": health.installing,
+                "failed": health.failed,
+                "failure_rate": health.rate,
+                "stale": health.stale,
+                "devices": t.devices,
+            }
+        )
+    decisions = [
+        asdict(d) for d in store.decisions(model) if channel is None or d.channel == channel
+    ]
+    return {
+        "generated_at": now,
+        "stale_after_s": stale_after_s,
+        "releases": releases,
+        "devices": devices,
+        "unseen": unseen,
+        "decisions": decisions,
+    }
