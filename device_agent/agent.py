@@ -102,6 +102,9 @@ class Agent:
         self.journal = Journal.load(self.data)
         self.device = selection.Device.from_config(config)
         self._scrubbed: dict[tuple[str, str], float] = {}
+        # What this poll learnt for the status document beyond its outcomes (per model):
+        # the channel's current version, a new revision's health-check latency.
+        self._facts: dict[str, dict[str, Any]] = {}
         self._recipient: Any = None  # the recipient key once unlock() opened it
         self.passphrase_env: str | None = None
 
@@ -205,6 +208,7 @@ class Agent:
         outcomes: list[Outcome] = []
         stale = False
         client: TufClient | None = None
+        self._facts = {}
         try:
             client = TufClient(self.config, self.fetcher)
             client.refresh()
@@ -231,7 +235,8 @@ class Agent:
                 and mj.revision_for(mj.update.sha256) is None
             }
             client.clean_downloads(keep)
-        status.update(self.config, self.journal, {o.model: o.as_status() for o in outcomes}, stale)
+        results = {o.model: {**o.as_status(), **self._facts.get(o.model, {})} for o in outcomes}
+        status.update(self.config, self.journal, results, stale)
         return outcomes
 
     def _poll_model(self, client: TufClient, name: str) -> Outcome:
@@ -254,6 +259,9 @@ class Agent:
                     "%s: the channel revokes %s; it is never installed again", name, version
                 )
             mj.revoked = list(doc.revoked)
+            self._facts.setdefault(name, {})["channel_version"] = (
+                doc.current.version if doc.current else None
+            )
             chosen = selection.select(doc, self.device)
             if not chosen.ok or chosen.variant is None or chosen.version is None:
                 self.journal.enter(name, State.IDLE)
@@ -420,7 +428,7 @@ class Agent:
         manifest = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in binfo.manifest]
         slots.install(staged, update.revision, manifest)
         self.journal.enter(name, State.HEALTH_CHECKING)
-        health.check_revision_isolated(
+        measured = health.check_revision_isolated(
             slots.revision_dir(update.revision),
             model_rel,
             binfo.metadata.get("health"),
@@ -430,6 +438,9 @@ class Agent:
             memory_mb=self.config.limits.health_memory_mb,
         )
         mj.revisions[update.revision].healthy = True
+        self._facts.setdefault(name, {})["health_latency_ms"] = {
+            update.revision: round(measured.latency_ms, 3)
+        }
         log.info("%s: %s passed its health check", name, update.revision)
         self.journal.enter(name, State.SWITCHING)
         self._switch_and_commit(name, update.revision)

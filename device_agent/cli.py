@@ -89,7 +89,18 @@ def run(
         stop = threading.Event()
         # SIGTERM (systemd, snapd) ends the loop between polls; a kill mid-poll is safe too.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        loop.run(agent, stop=stop)
+        after_poll = None
+        if agent.config.fleet_url:  # urllib3 and the report code load only for a fleet
+            from device_agent.reporter import Reporter
+
+            reporter = Reporter(
+                agent.config,
+                profile=agent.device.profile or "",
+                architecture=agent.device.architecture,
+            )
+            reporter.start(stop)
+            after_poll = reporter.after_poll
+        loop.run(agent, stop=stop, after_poll=after_poll)
         return
     outcomes = loop.poll_once(agent)
     data = [vars(o) for o in outcomes]
@@ -201,6 +212,65 @@ def list_revisions(
                 typer.echo(f"{n} {r['revision']}  {', '.join(flags) or '-'}")
 
     emit(data, as_json, human)
+
+
+@app.command("report")
+def report_command(
+    send: bool = typer.Option(
+        True, "--send/--no-send", help="Try to send the queue once now (default), or only queue."
+    ),
+    data_dir: Path | None = DATA_DIR_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Queue a signed report of this device for its fleet service and send the queue once.
+
+    Exits 0 when every queued report was taken, 7 when some are kept for later (the
+    service unreachable, slow, failing, or this device not registered yet), 1 when
+    the service refused some for good (dropped), 2 when no fleet_url is configured.
+    """
+    from device_agent import report as report_mod
+    from device_agent import selection
+    from device_agent import status as status_mod
+
+    data = config_mod.resolve_data_dir(data_dir)
+    cfg = config_mod.load(data)
+    if not cfg.fleet_url:
+        raise report_mod.NoFleetError(
+            f"{data} reports to no fleet service (no fleet_url in config.toml)",
+            hint="enrol again with --fleet-url URL (re-enrolling keeps everything else)",
+        )
+    from device_agent.reporter import Reporter, Result
+
+    device = selection.Device.from_config(cfg)
+    reporter = Reporter(cfg, profile=device.profile or "", architecture=device.architecture)
+    content = report_mod.content(
+        cfg, status_mod.load(data), profile=device.profile or "", architecture=device.architecture
+    )
+    queued = reporter.queue.put(content)
+    result = reporter.send_once() if send else Result(kept=len(reporter.queue.pending()))
+    doc = {
+        "queued": queued.counter,
+        "bytes": len(queued.body),
+        "sent": result.sent,
+        "dropped": result.dropped,
+        "kept": result.kept,
+        "errors": result.errors,
+        "fleet_url": cfg.fleet_url,
+    }
+
+    def human() -> None:
+        typer.echo(
+            f"report {queued.counter} queued ({len(queued.body)} bytes); sent {result.sent}, "
+            f"dropped {result.dropped}, kept {result.kept}"
+        )
+        for error in result.errors:
+            typer.echo(f"  {error}")
+
+    emit(doc, as_json, human)
+    if result.dropped:
+        raise typer.Exit(1)
+    if send and result.kept:
+        raise typer.Exit(7)
 
 
 def _verdict(name: str, data_dir: Path | None, as_json: bool, action: str) -> None:

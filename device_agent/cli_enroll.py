@@ -56,6 +56,11 @@ def register(app: typer.Typer) -> None:
         proxy: str | None = typer.Option(
             None, "--proxy", help="HTTP(S) proxy URL (default: https_proxy / http_proxy)."
         ),
+        fleet_url: str | None = typer.Option(
+            None,
+            "--fleet-url",
+            help="The fleet service (http, https) that takes this device's signed reports.",
+        ),
         passphrase_env: str | None = PASSPHRASE_ENV_OPTION,
         data_dir: Path | None = DATA_DIR_OPTION,
         as_json: bool = JSON_OPTION,
@@ -77,6 +82,7 @@ def register(app: typer.Typer) -> None:
             passphrase_env=passphrase_env,
             ca_file=ca_file,
             proxy=proxy,
+            fleet_url=fleet_url,
         )
         data = {
             "device_id": result.device_id,
@@ -85,6 +91,7 @@ def register(app: typer.Typer) -> None:
             "recipient_public_key": str(result.public_key),
             "public_key": str(result.public_key),  # the recipient's, as before
             "config": str(result.config_path),
+            "record": str(result.record),
             "cleared_failures": list(result.cleared),
             "warnings": list(result.warnings),
         }
@@ -95,6 +102,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"device id:      {result.device_id}")
             typer.echo(f"identity key:   {result.identity_key} (ed25519:{result.identity})")
             typer.echo(f"recipient key:  {result.public_key} (pack bundles for it: --recipient)")
+            typer.echo(
+                f"enrolment:      {result.record} "
+                f"(register it: edgepack fleet register {result.record})"
+            )
             if result.cleared:
                 typer.echo(
                     f"failures forgotten (the key, trust, profile or channel changed): "

@@ -58,6 +58,11 @@ class Limits:
     # How often a long-running agent re-reads the running revision against its manifest.
     scrub_interval_s: float = 3600.0
     health_memory_mb: int = 0
+    # Reports to the fleet service (fleet_url): queued reports kept at most (oldest dropped
+    # first), one request's deadline, and the heartbeat when nothing changed.
+    report_queue_max: int = 64
+    report_timeout_s: float = 10.0
+    report_interval_s: float = 900.0
 
 
 @dataclass
@@ -79,6 +84,8 @@ class AgentConfig:
     ca_file: str = ""
     # The HTTP(S) proxy for the repository ("": https_proxy/http_proxy; no_proxy always applies).
     proxy: str = ""
+    # The fleet service that takes this device's signed reports ("": no fleet, no reports).
+    fleet_url: str = ""
     limits: Limits = field(default_factory=Limits)
 
     @property

@@ -14,6 +14,7 @@ key stays encrypted).
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -23,10 +24,11 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
+from device_agent import _atomic, tufclient
 from device_agent import config as config_mod
-from device_agent import tufclient
 from device_agent.config import AgentConfig, Limits
-from edgepack import keys
+from edgepack import fleetreport, keys
+from edgepack._version import __version__
 from edgepack.errors import EdgepackError, InvalidInputError, KeyFileError
 
 if sys.version_info >= (3, 11):
@@ -39,6 +41,10 @@ KEY_STEM = "device"  # the device's own recipient pair (the name predates the id
 RECIPIENT_STEM = "recipient"  # the copy of a key given with --recipient-key
 IDENTITY_STEM = "identity"
 TRUST_NAME = "trust-policy"
+RECORD_NAME = "enrolment.json"
+
+# The one derivation of a device id, shared with the fleet service (same bytes, same id).
+device_id_for = fleetreport.device_id_for
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class Enrolment:
 
     ``public_key`` is the recipient public key (a builder's ``--recipient``);
     ``identity_key`` the identity's public key file, ``identity`` its raw bytes
-    in hex. ``cleared`` lists the failure marks forgotten because the key, trust
+    in hex; ``record`` the signed enrolment record an operator registers with
+    ``edgepack fleet register``. ``cleared`` lists the failure marks forgotten because the key, trust
     policy, profile or channel changed (``model: what``).
     """
 
@@ -58,6 +65,7 @@ class Enrolment:
     identity_key: Path = Path()
     identity: str = ""
     cleared: tuple[str, ...] = field(default_factory=tuple)
+    record: Path = Path()
 
 
 def _check_profile(profile: str) -> tuple[str, ...]:
@@ -80,11 +88,6 @@ def _check_profile(profile: str) -> tuple[str, ...]:
             f"{wanted} variants (use --profile auto on real hardware)",
         )
     return ()
-
-
-def device_id_for(public_raw: bytes) -> str:
-    """A stable id derived from the device's identity public key (same key, same id)."""
-    return "dev-" + hashlib.sha256(b"edgepack-device-id\x00" + public_raw).hexdigest()[:20]
 
 
 def _urls(repo_url: str) -> tuple[str, str]:
@@ -139,8 +142,9 @@ def _previous(data_dir: Path) -> AgentConfig | None:
     return AgentConfig(data_dir=data_dir, device_id=device_id, metadata_url="", targets_url="")
 
 
-def _identity(keys_dir: Path) -> tuple[bytes, Path]:
-    """The device's Ed25519 identity (raw public bytes, ``.pub`` path), made on first use.
+def _identity(keys_dir: Path) -> tuple[ed25519.Ed25519PrivateKey, bytes, Path]:
+    """The device's Ed25519 identity (the key, raw public bytes, ``.pub`` path), made on
+    first use.
 
     Kept on re-enrolment: it is what makes the device the same device. The
     private key is not encrypted — it never leaves the device and the agent
@@ -174,7 +178,7 @@ def _identity(keys_dir: Path) -> tuple[bytes, Path]:
     if not public_path.is_file() or public_path.read_bytes() != pub_pem:
         keys.write_public_file(public_path, pub_pem)
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return raw, public_path
+    return key, raw, public_path
 
 
 @dataclass(frozen=True)
@@ -196,8 +200,9 @@ def _open_given(path: Path | None, passphrase_env: str | None) -> _GivenKey | No
 
 def _recipient(
     keys_dir: Path, given: _GivenKey | None, passphrase_env: str | None
-) -> tuple[Path, Path]:
-    """The recipient key the device decrypts with: (private key path, public key path).
+) -> tuple[Path, Path, bytes]:
+    """The recipient key the device decrypts with: (private key path, public key path,
+    raw public bytes).
 
     With ``given``: its bytes are copied to ``keys/recipient.key`` (0600; an
     encrypted key stays encrypted) with ``keys/recipient.pub``, so the device no
@@ -221,7 +226,10 @@ def _recipient(
     pem = keys.public_pem(private.public_key())
     if not pub_path.is_file() or pub_path.read_bytes() != pem:
         keys.write_public_file(pub_path, pem)
-    return key_path, pub_path
+    raw = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return key_path, pub_path, raw
 
 
 def _read_trust(trust: Path | None) -> bytes | None:
@@ -302,6 +310,64 @@ def _transport(ca_file: Path | None, proxy: str | None) -> dict[str, str]:
     return settings
 
 
+def _fleet_url(fleet_url: str) -> str:
+    """``--fleet-url`` checked as ``--repo-url`` is: http:// or https:// with a host
+    (``""``: no fleet service)."""
+    if not fleet_url:
+        return ""
+    try:
+        parts = urllib.parse.urlsplit(fleet_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise InvalidInputError(f"--fleet-url {fleet_url!r} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidInputError(
+            f"--fleet-url {fleet_url!r}: the fleet service is reached over http:// or https:// only"
+        )
+    if not parts.hostname:
+        raise InvalidInputError(f"--fleet-url {fleet_url!r} names no host")
+    return fleet_url.rstrip("/")
+
+
+def _architecture(cfg: AgentConfig) -> str:
+    """The architecture the device takes variants for, as the agent will resolve it
+    (without hardware detection: that is the poll's job)."""
+    from device_agent.selection import _profile_architecture, machine_architecture
+
+    if cfg.architecture:
+        return cfg.architecture
+    if cfg.profile not in ("", "auto"):
+        return _profile_architecture(cfg.profile) or machine_architecture()
+    return machine_architecture()
+
+
+def _write_record(
+    keys_dir: Path, cfg: AgentConfig, identity: ed25519.Ed25519PrivateKey, recipient: bytes
+) -> Path:
+    """Write ``DATA/keys/enrolment.json``: what an operator registers with the fleet.
+
+    Signed by the identity key (proof the device holds it); public data only, so
+    it is 0644 and may be copied off the device freely.
+    """
+    record = fleetreport.make_record(
+        identity,
+        {
+            "device_id": cfg.device_id,
+            "identity": "ed25519:" + fleetreport.public_raw(identity).hex(),
+            "recipient": "x25519:" + recipient.hex(),
+            "models": list(cfg.models),
+            "channel": cfg.channel,
+            "cohort": cfg.cohort,
+            "profile": cfg.profile,
+            "architecture": _architecture(cfg),
+            "agent_version": __version__,
+        },
+    )
+    path = keys_dir / RECORD_NAME
+    _atomic.write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
 def enroll(
     data_dir: Path,
     *,
@@ -317,6 +383,7 @@ def enroll(
     passphrase_env: str | None = None,
     ca_file: Path | None = None,
     proxy: str | None = None,
+    fleet_url: str | None = None,
 ) -> Enrolment:
     """Enrol this device; everything written stays inside ``data_dir``.
 
@@ -326,7 +393,8 @@ def enroll(
 
     Re-enrolling keeps the identity and device id, the hand-set ``[limits]``
     (unless ``limits`` is given) and the other settings of ``config.toml`` that
-    enrolment does not set (``ca_file`` and ``proxy`` too, unless given); when the recipient key, trust policy, profile or
+    enrolment does not set (``ca_file``, ``proxy`` and ``fleet_url`` too, unless
+    given); the enrolment record is written afresh each time. When the recipient key, trust policy, profile or
     channel changes, the failure marks they may have caused are cleared, so the
     next poll tries those releases again. It holds ``DATA/.lock``: a running
     poll finishes first (restart a running daemon afterwards; it read its
@@ -348,6 +416,8 @@ def enroll(
     given = _open_given(recipient_key, passphrase_env)  # refused before anything is written
     trust_bytes = _read_trust(trust)
     transport = _transport(ca_file, proxy)  # a CA file or proxy the agent could not use
+    if fleet_url is not None:
+        transport["fleet_url"] = _fleet_url(fleet_url)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o750)  # the agent's user and the applications' group only
@@ -366,8 +436,8 @@ def enroll(
             raise InvalidInputError(f"{root} is not TUF root metadata: {exc}") from None
         keys_dir = data_dir / KEYS_DIR
         keys_dir.mkdir(mode=0o700, exist_ok=True)
-        identity_raw, identity_pub = _identity(keys_dir)
-        key_path, pub_path = _recipient(keys_dir, given, passphrase_env)
+        identity_key, identity_raw, identity_pub = _identity(keys_dir)
+        key_path, pub_path, recipient_raw = _recipient(keys_dir, given, passphrase_env)
         settings: dict[str, Any] = {
             "metadata_url": metadata_url,
             "targets_url": targets_url,
@@ -388,6 +458,12 @@ def enroll(
                 data_dir=data_dir, device_id=device_id, limits=limits or Limits(), **settings
             )
         config_mod.save(cfg)
+        record = _write_record(keys_dir, cfg, identity_key, recipient_raw)
+        if cfg.device_id != device_id_for(identity_raw):
+            warnings += (
+                f"the device id {cfg.device_id} predates its identity key, so the fleet service "
+                f"will refuse {record.name}; enrol into a fresh data directory to report to a fleet",
+            )
         cleared: tuple[str, ...] = ()
         after = _decides_failures(cfg)
         if before is not None and before != after:
@@ -400,4 +476,5 @@ def enroll(
         identity_pub,
         identity_raw.hex(),
         cleared,
+        record,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
 
 from device_agent.agent import Agent
 from device_agent.config import Limits
@@ -88,8 +89,18 @@ def report(outcomes: list[Outcome], seen: dict[str, tuple[str, str | None]] | No
             log.log(logging.DEBUG if repeated else level, "%s", o.describe())
 
 
-def run(agent: Agent, *, stop: threading.Event | None = None, seed: int | None = None) -> None:
-    """Poll until ``stop`` is set (a daemon: systemd or snapd restarts it if it dies)."""
+def run(
+    agent: Agent,
+    *,
+    stop: threading.Event | None = None,
+    seed: int | None = None,
+    after_poll: Callable[[], None] | None = None,
+) -> None:
+    """Poll until ``stop`` is set (a daemon: systemd or snapd restarts it if it dies).
+
+    ``after_poll`` runs after each poll, in this thread (the reporter's hook: it
+    queues a report on disk and returns; it must never wait on the network).
+    """
     stop = stop or threading.Event()
     rng = random.Random(seed)  # noqa: S311 - jitter, not security
     failures = 0
@@ -108,6 +119,8 @@ def run(agent: Agent, *, stop: threading.Event | None = None, seed: int | None =
         except EdgepackError as exc:  # e.g. a local command holds the lock: try again later
             log.warning("poll skipped: %s", exc.diagnostics())
             outcomes = [Outcome(m, "error", error=exc.diagnostics()) for m in agent.config.models]
+        if after_poll is not None:
+            after_poll()
         failures = failures + 1 if failed(outcomes) else 0
         delay = next_delay(failures, agent.config.limits, rng)
         if failures:  # said at INFO when the back-off starts, then at DEBUG

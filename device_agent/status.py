@@ -70,7 +70,11 @@ def build(
                 ),
             }
         )
-        entry.update(poll.get(name, {}))
+        fresh = poll.get(name, {})
+        latencies = _latencies(entry) | _latencies(fresh)
+        entry.update(fresh)
+        # Each installed revision's health-check latency, measured when it was installed.
+        entry["health_latency_ms"] = {r: v for r, v in latencies.items() if r in entry["installed"]}
         models[name] = entry
     return {
         "format": 1,
@@ -82,6 +86,18 @@ def build(
         if (polled if polled is not None else bool(poll or stale))
         else previous.get("last_poll"),
         "models": models,
+    }
+
+
+def _latencies(entry: dict[str, Any]) -> dict[str, float]:
+    """The ``health_latency_ms`` map of a status entry (revision -> ms), what is valid of it."""
+    raw = entry.get("health_latency_ms")
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(r): float(v)
+        for r, v in raw.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
     }
 
 
