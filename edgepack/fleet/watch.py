@@ -80,9 +80,13 @@ def watch_once(
     for record in _rollouts.load(workdir).values():
         if record.state != _rollouts.WATCHING:
             continue
-        decision = _decide(
-            store, workdir, record, has_key=key is not None, now=at, stale=stale_after_s
-        )
+        try:
+            decision = _decide(
+                store, workdir, record, has_key=key is not None, now=at, stale=stale_after_s
+            )
+        except ConflictError as exc:  # the lock, to mark a record superseded: next pass
+            log.warning("%s/%s: %s; will retry", record.model, record.channel, exc.message)
+            continue
         if decision is None:
             continue
         if store.claim(decision):
