@@ -28,6 +28,7 @@ from edgepack.cli import main
 from edgepack.errors import InvalidInputError
 from edgepack.fleet.ingest import device_from_record, ingest
 from edgepack.fleet.sql import SQLStore, open_store
+from edgepack.fleet.store import Decision
 from edgepack.fleet.watch import watch_once
 from edgepack.keys import generate_recipient_key, generate_signing_key
 from edgepack.repo import _channels, _rollouts
@@ -471,3 +472,17 @@ def test_revoking_the_watched_release_by_hand_ends_the_watch(rig: Rig) -> None:
     assert rig.record().reason == "revoked by hand"
     rig.failing(rig.devices[:3], T0 + 60)
     assert rig.watch(T0 + 120) == []
+
+
+def test_a_decision_claimed_by_a_watcher_that_died_is_finished_by_the_next(rig: Rig) -> None:
+    rig.promote(on_failure="rollback")
+    before = rig.document()
+    rig.failing(rig.devices[:3], T0 + 60)
+    # A watcher claimed the rollback and died before publishing it.
+    claimed = Decision("digits", "stable", "2.0.0", "rollback", 10.0, "died", T0 + 90, {})
+    assert rig.store.claim(claimed)
+    assert rig.watch(T0 + 120) == []  # this one lost the claim…
+    after = rig.document()  # …and still made the decision take effect, once
+    assert (after.sequence, after.current.version) == (before.sequence + 1, "1.0.0")
+    assert rig.record().state == "rolled-back"
+    assert [d.reason for d in rig.store.decisions()] == ["died"]
