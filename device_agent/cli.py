@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -13,6 +13,12 @@ from device_agent import cli_enroll
 from device_agent import config as config_mod
 from edgepack._cli_output import JSON_OPTION, emit, new_app, run_cli, version_option
 from edgepack.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable
+
+    from device_agent.agent import Agent
 
 app = new_app("edgepack-agent", "Install and run edgepack models on this device, safely.")
 
@@ -69,6 +75,30 @@ def _agent(data_dir: Path | None) -> Any:
     return Agent(cfg)
 
 
+def _start_reporter(agent: Agent, stop: threading.Event) -> Callable[[], None] | None:
+    """Start the report sender when the device has a fleet; its hook for the poll loop.
+
+    The report code and urllib3 load only here. A reporter that cannot start (a bad
+    ``fleet_url``, no identity key) is logged and the daemon updates without it.
+    """
+    if not agent.config.fleet_url:
+        return None
+    from device_agent.reporter import Reporter
+    from edgepack.errors import EdgepackError
+
+    try:
+        reporter = Reporter(
+            agent.config, profile=agent.device.profile or "", architecture=agent.device.architecture
+        )
+    except EdgepackError as exc:
+        logging.getLogger("device_agent.reporter").error(
+            "not reporting to the fleet: %s", exc.diagnostics()
+        )
+        return None
+    reporter.start(stop)
+    return reporter.after_poll
+
+
 @app.command()
 def run(
     once: bool = typer.Option(False, "--once", help="Poll once and exit."),
@@ -89,18 +119,7 @@ def run(
         stop = threading.Event()
         # SIGTERM (systemd, snapd) ends the loop between polls; a kill mid-poll is safe too.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        after_poll = None
-        if agent.config.fleet_url:  # urllib3 and the report code load only for a fleet
-            from device_agent.reporter import Reporter
-
-            reporter = Reporter(
-                agent.config,
-                profile=agent.device.profile or "",
-                architecture=agent.device.architecture,
-            )
-            reporter.start(stop)
-            after_poll = reporter.after_poll
-        loop.run(agent, stop=stop, after_poll=after_poll)
+        loop.run(agent, stop=stop, after_poll=_start_reporter(agent, stop))
         return
     outcomes = loop.poll_once(agent)
     data = [vars(o) for o in outcomes]

@@ -311,22 +311,10 @@ def _transport(ca_file: Path | None, proxy: str | None) -> dict[str, str]:
 
 
 def _fleet_url(fleet_url: str) -> str:
-    """``--fleet-url`` checked as ``--repo-url`` is: http:// or https:// with a host
-    (``""``: no fleet service)."""
-    if not fleet_url:
-        return ""
-    try:
-        parts = urllib.parse.urlsplit(fleet_url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError as exc:
-        raise InvalidInputError(f"--fleet-url {fleet_url!r} is not a valid URL: {exc}") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidInputError(
-            f"--fleet-url {fleet_url!r}: the fleet service is reached over http:// or https:// only"
-        )
-    if not parts.hostname:
-        raise InvalidInputError(f"--fleet-url {fleet_url!r} names no host")
-    return fleet_url.rstrip("/")
+    """``--fleet-url`` checked as ``--repo-url`` is (``""``: no fleet service)."""
+    from device_agent.report import check_fleet_url
+
+    return check_fleet_url(fleet_url, "--fleet-url")
 
 
 def _architecture(cfg: AgentConfig) -> str:

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -39,6 +40,7 @@ from device_agent.errors import AgentError, ConfigError
 from edgepack import fleetreport
 from edgepack._version import __version__
 from edgepack.channel import rollout_bucket
+from edgepack.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,25 @@ class Queued:
     path: Path
     signature: str
     body: bytes
+
+
+def check_fleet_url(fleet_url: str, what: str = "fleet_url") -> str:
+    """``fleet_url`` without its trailing slash, refused unless it is http:// or https://
+    with a host (``""`` stays ``""``: no fleet service)."""
+    if not fleet_url:
+        return ""
+    try:
+        parts = urllib.parse.urlsplit(fleet_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise InvalidInputError(f"{what} {fleet_url!r} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidInputError(
+            f"{what} {fleet_url!r}: the fleet service is reached over http:// or https:// only"
+        )
+    if not parts.hostname:
+        raise InvalidInputError(f"{what} {fleet_url!r} names no host")
+    return fleet_url.rstrip("/")
 
 
 def reports_dir(data_dir: Path) -> Path:

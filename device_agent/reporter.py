@@ -36,8 +36,10 @@ from device_agent import fetcher as fetcher_mod
 from device_agent import report as report_mod
 from device_agent import status as status_mod
 from device_agent.config import AgentConfig
+from device_agent.errors import ConfigError
 from device_agent.fetcher import AgentFetcher
 from edgepack import fleetreport
+from edgepack.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,12 @@ class Reporter:
             )
         self.config = config
         self.limits = config.limits
-        self.url = config.fleet_url.rstrip("/") + REPORTS_PATH
+        try:
+            self.url = report_mod.check_fleet_url(config.fleet_url) + REPORTS_PATH
+        except InvalidInputError as exc:
+            raise ConfigError(
+                f"{config.config_path}: {exc.message}", hint="enrol again with a valid --fleet-url"
+            ) from None
         self.profile = profile
         self.architecture = architecture
         self.queue = report_mod.Queue(config)

@@ -253,3 +253,24 @@ def test_report_command_without_a_fleet_is_a_usage_error(world: World, tmp_path:
     assert out.returncode == 2
     assert "--fleet-url" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not report.queue_dir(data).exists()
+
+
+def test_a_daemon_with_an_unusable_fleet_url_updates_without_reporting(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-edited fleet_url no sender could use: said once at start, no reporter."""
+    import threading
+
+    from device_agent.agent import Agent
+    from device_agent.cli import _start_reporter
+
+    data = tmp_path / "dev"
+    _enroll(world, data, "http://fleet.example")
+    path = data / "config.toml"
+    path.write_text(path.read_text().replace("http://fleet.example", "ftp://fleet.example"))
+    with caplog.at_level(logging.ERROR):
+        hook = _start_reporter(Agent(config.load(data)), threading.Event())
+    assert hook is None
+    assert any("not reporting to the fleet" in r.getMessage() for r in caplog.records)
+    world.publish("1.0.0", 2.0)
+    assert poll(data).action == "installed"
