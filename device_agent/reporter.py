@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -121,13 +122,18 @@ class Reporter:
         )
         with self._lock:
             now = time.monotonic()
-            due = now - self._last_queued >= self.limits.report_interval_s
+            due = now >= self._heartbeat_at()
             if not (force or due or doc != self._last):
                 return False
             self.queue.put(doc)
             self._last, self._last_queued = doc, now
         self.wake.set()
         return True
+
+    def _heartbeat_at(self) -> float:
+        """When the next heartbeat is due (never with ``report_interval_s`` 0)."""
+        interval = self.limits.report_interval_s
+        return self._last_queued + interval if interval > 0 else math.inf
 
     def after_poll(self) -> None:
         """The poll thread's hook: queue a report if one is due; never raises, never waits
@@ -238,9 +244,10 @@ class Reporter:
                         log.info("the fleet service takes reports again")
                     self.failures = 0
                     retry_at = 0.0
-            heartbeat_at = self._last_queued + self.limits.report_interval_s
+            heartbeat_at = self._heartbeat_at()
             wait_until = heartbeat_at if retry_at <= now else min(heartbeat_at, retry_at)
-            self.wake.wait(max(0.05, wait_until - time.monotonic()))
+            # Event.wait takes no infinity; an hour is as good (a wake comes earlier).
+            self.wake.wait(min(3600.0, max(0.05, wait_until - time.monotonic())))
             if stop.is_set():
                 break
             if time.monotonic() >= heartbeat_at:

@@ -152,6 +152,18 @@ def test_queueing_after_a_poll_never_waits_on_a_slow_service(
     assert len(_queued(r.config.data_dir)) == 1
 
 
+@pytest.mark.parametrize(("interval", "expected"), [(0.2, 2), (0.0, 1)])
+def test_an_unchanged_report_is_queued_again_only_at_the_heartbeat(
+    world: World, tmp_path: Path, fleet: FleetServer, interval: float, expected: int
+) -> None:
+    r = _reporter(world, tmp_path, fleet, report_interval_s=interval)
+    r.after_poll()  # the first: its content is new
+    r.after_poll()  # the same content, the heartbeat not due
+    time.sleep(0.3)
+    r.after_poll()  # the heartbeat due (none with report_interval_s 0)
+    assert len(_queued(r.config.data_dir)) == expected
+
+
 # -- the daemon against a failing service ---------------------------------------------------
 def _status(data: Path) -> dict[str, Any]:
     try:
