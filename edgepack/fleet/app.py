@@ -31,7 +31,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -50,6 +49,7 @@ from edgepack import fleetreport
 from edgepack.errors import InvalidInputError
 from edgepack.fleet import ingest as ingest_mod
 from edgepack.fleet.store import FleetStore, RefusedError, StoreUnavailableError
+from edgepack.repo._rollouts import parse_duration
 
 T = TypeVar("T")
 StoreSource = FleetStore | Callable[[], FleetStore]
@@ -61,18 +61,6 @@ BODY_TIMEOUT_S = 10.0
 """A client that takes longer to send a report's body is cut off (408): slow bodies hold workers."""
 DEFAULT_STALE_AFTER_S = 3600.0
 _COOKIE_LABEL = b"edgepack-fleet-dashboard-cookie"
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(text: str, what: str = "a duration") -> float:
-    """Seconds in ``text``: ``90``, ``90s``, ``15m``, ``1h``, ``2d``, ``1w``; InvalidInputError else."""
-    match = _DURATION_RE.fullmatch(text.strip().lower())
-    if not match:
-        raise InvalidInputError(
-            f"{what} {text!r} is not a duration", hint="use e.g. 90s, 15m, 1h, 2d"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 class _RefusalError(Exception):
