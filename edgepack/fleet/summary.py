@@ -163,9 +163,10 @@ def fleet_status(
     devices: list[dict[str, Any]] = []
     unseen: list[str] = []
     follows: dict[tuple[str, str], bool] = {}
-    entry: dict[str, Any] = {}
+    models_of: dict[str, Any] = {}
     current = None
     loads = json.loads
+    listed = devices.append
     for (
         device_id, registered, device_channel, seen, revoked_at,
         m, c, version, pending, state, action, error, refused_text, stale_flag, reported_at,
@@ -182,14 +183,15 @@ def fleet_status(
                 if not ok:
                     continue
             revoked = revoked_at is not None
+            models_of = {}
             entry = {
                 "device_id": device_id,
                 "last_seen": seen,
                 "stale": seen is not None and seen < oldest,
                 "revoked": revoked,
-                "models": {},
+                "models": models_of,
             }
-            devices.append(entry)
+            listed(entry)
             if not revoked and (seen is None or (unseen_since is not None and seen < unseen_since)):
                 unseen.append(device_id)
         if m is None:
@@ -197,7 +199,7 @@ def fleet_status(
         stale = bool(stale_flag) or reported_at < oldest
         if stale:
             entry["stale"] = True
-        entry["models"][m] = {
+        models_of[m] = {
             "channel": c,
             "version": version,
             "pending": pending,

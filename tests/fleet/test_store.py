@@ -260,6 +260,29 @@ def test_many_threads_on_one_store_lose_nothing(store: SQLStore, store_url: str)
         assert counters(store_url, u.device_id) == list(range(1, 16))
 
 
+def test_two_stores_on_one_database_write_at_once_without_lock_errors(store_url: str) -> None:
+    # Two services (or a service and `fleet register`) on one file: WAL, a busy timeout and
+    # BEGIN IMMEDIATE make writers queue; on PostgreSQL, row locks.
+    stores = [open_store(store_url) for _ in range(2)]
+    units = [Unit() for _ in range(4)]
+    try:
+        for u in units:
+            stores[0].register(u.device())
+
+        def work(i: int) -> None:
+            for counter in range(1, 21):
+                units[i].send(stores[i % 2], counter)
+
+        assert in_threads(4, work) == [None] * 4
+    finally:
+        for s in stores:
+            s.close()
+    for u in units:
+        assert counters(store_url, u.device_id) == list(range(1, 21))
+    if store_url.startswith("sqlite:"):
+        assert query(store_url, "PRAGMA journal_mode") == [("wal",)]
+
+
 def test_hostile_text_is_stored_not_a_database_error(store: SQLStore, unit: Unit) -> None:
     # NUL is refused by PostgreSQL's TEXT, a lone surrogate by both drivers' encoders.
     # A device's JSON may escape them (canonical() would not write the surrogate).
