@@ -352,7 +352,12 @@ def make_app(
             try:
                 tokens.require(request)
             except _RefusalError as refusal:
-                return _dashboard_denied(refusal.code, refusal.message)
+                message = (
+                    "the dashboard needs an operator token"
+                    if refusal.code == 401
+                    else refusal.message
+                )
+                return _dashboard_denied(refusal.code, message)
         now = clock()
         data = await status_of(request)
         response = HTMLResponse(dashboard.render(data, now=now))

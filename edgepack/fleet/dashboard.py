@@ -143,7 +143,7 @@ def _step(step: object) -> str:
 
 def _decisions(status: Mapping[str, Any], now: float) -> str:
     rows = [
-        f'<tr class="decision {_e(d["action"])}">'
+        f'<tr class="decision" data-action="{_e(d["action"])}">'
         f"<td>{_e(_when(d['decided_at'], now))}</td>"
         f'<td><span class="badge {_e(d["action"])}">{_e(d["action"])}</span></td>'
         f"<td>{_e(d['model'])}</td><td>{_e(d['channel'])}</td>"
