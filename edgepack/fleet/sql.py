@@ -162,9 +162,12 @@ class SQLStore:
     def _begin(self, cursor: Any, write: bool) -> None:
         """Open the transaction (PostgreSQL opens one implicitly)."""
 
-    def _with_connection(self, work: Callable[[Any], T]) -> T:
+    def _with_connection(
+        self, work: Callable[[Any], T], retry_safe: Callable[[], bool] = lambda: True
+    ) -> T:
         """``work(connection)``, mapping database failures; once more on a fresh
-        connection when a pooled one was found dead (nothing it sent was committed)."""
+        connection when a pooled one was found dead and ``retry_safe()`` says that
+        nothing can have been committed (the failure came before the commit)."""
         for attempt in (1, 2):
             connection, pooled = self._take()
             try:
@@ -173,7 +176,7 @@ class SQLStore:
                 broken = self._broken(connection)
                 self._close_quietly(connection)
                 self._drop_idle()
-                if attempt == 1 and pooled and broken:
+                if attempt == 1 and pooled and broken and retry_safe():
                     continue
                 raise self._unavailable(exc) from exc
             except BaseException:
@@ -189,19 +192,27 @@ class SQLStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run(self, work: Callable[[Any], T], *, write: bool) -> T:
-        """``work(cursor)`` in one transaction, committed before this returns."""
+        """``work(cursor)`` in one transaction, committed before this returns.
+
+        A link lost during the commit is not retried: the commit may have happened,
+        and the caller learns StoreUnavailableError (an ingest retried by the device
+        then meets its own counter: 409, already kept).
+        """
+        committing = False
 
         def transaction(connection: Any) -> T:
+            nonlocal committing
             cursor = connection.cursor()
             try:
                 self._begin(cursor, write)
                 result = work(cursor)
             finally:
                 cursor.close()
+            committing = True
             connection.commit()
             return result
 
-        return self._with_connection(transaction)
+        return self._with_connection(transaction, lambda: not committing)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run ``sql`` (``?`` placeholders) for every row, in one transaction.

@@ -472,3 +472,20 @@ def test_postgresql_restarted_under_load_loses_no_acknowledged_report(
     assert set(acknowledged) <= kept
     device = store.device(u.device_id)
     assert device is not None and device.last_counter == max(kept)
+
+
+def test_after_postgresql_restarts_the_next_call_reconnects(
+    pg_store: tuple[str, SQLStore],
+) -> None:
+    url, store = pg_store
+    u = Unit()
+    store.register(u.device())
+    u.send(store, 1)
+    pg.stop(url)
+    with pytest.raises(StoreUnavailableError, match="unavailable"):
+        u.send(store, 2)
+    pg.start(url)
+    u.send(store, 2)  # a dead pooled connection is dropped, a fresh one opened
+    pg.restart(url)
+    assert [d.last_counter for d in store.devices()] == [2]
+    assert counters(url, u.device_id) == [1, 2]
