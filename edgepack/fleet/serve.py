@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import uvicorn
 
-from edgepack.errors import InvalidInputError, KeyFileError
+from edgepack.errors import EdgepackError, InvalidInputError, KeyFileError
 from edgepack.fleet.app import DEFAULT_STALE_AFTER_S, make_app
 
 MAX_TOKEN_FILE = 64 * 1024
@@ -96,11 +97,30 @@ def serve(
     listens (default: print it on stdout); with ``port`` 0 it names the port the
     system chose.
     """
-    from edgepack.fleet.sql import open_store
-
     tokens = read_tokens(token_file)
     if (tls_cert is None) != (tls_key is None):
         raise InvalidInputError("give both --tls-cert and --tls-key, or neither")
+    _configure_logging(log_level)
+    sock = listen(host, port)
+    try:
+        _serve_on(sock, db_url, host, tokens, log_level, stale_after_s, tls_cert, tls_key, announce)
+    finally:
+        sock.close()
+
+
+def _serve_on(
+    sock: socket.socket,
+    db_url: str,
+    host: str,
+    tokens: list[bytes],
+    log_level: str,
+    stale_after_s: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    announce: Callable[[str], None] | None,
+) -> None:
+    from edgepack.fleet.sql import open_store
+
     store = open_store(db_url)
     try:
         store.migrate()
@@ -118,11 +138,8 @@ def serve(
         operator_tokens=tokens,
         stale_after_s=stale_after_s,
     )
-    _configure_logging(log_level)
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_level=log_level,
         access_log=False,  # the app logs its own line per request, never the query string
         log_config=None,
@@ -134,6 +151,8 @@ def serve(
     )
     server = _Server(config)
     scheme = "https" if tls_cert else "http"
+    bound = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
 
     def say(line: str) -> None:
         if announce is not None:
@@ -143,25 +162,41 @@ def serve(
             sys.stdout.flush()
 
     async def run() -> None:
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:
-            bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
-            shown_host = f"[{host}]" if ":" in host else host
             say(f"fleet service on {scheme}://{shown_host}:{bound} ({shown_url})")
-        await task
+        with contextlib.suppress(SystemExit):  # uvicorn exits 3 when start-up failed
+            await task
 
-    try:
-        asyncio.run(run())
-    except SystemExit as exc:  # uvicorn exits 3 when the app's start-up failed
-        if exc.code:
-            raise InvalidInputError(f"the fleet service could not start on {host}:{port}") from None
+    asyncio.run(run())
     if not server.started:
-        raise InvalidInputError(
-            f"the fleet service could not listen on {host}:{port}",
-            hint="is the port in use or the address not this machine's?",
-        )
+        raise EdgepackError(f"the fleet service could not start on {host}:{bound}")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: one the system picks), or a
+    one-line error: bound here rather than by uvicorn, whose bind failure is a traceback."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise InvalidInputError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise EdgepackError(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            hint="choose another --port, or an address of this machine for --host",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _configure_logging(level: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -256,3 +257,16 @@ def test_serve_refuses_a_readable_token_file(db: str, tmp_path: Path) -> None:
         "fleet", "serve", "--db", db, "--port", "0", "--token-file", str(empty), check=5
     )
     assert "holds no token" in one_line_error(done)
+
+
+def test_serve_on_a_port_in_use_is_one_line(db: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "operator.token"
+    edgepack("fleet", "token", "--out", str(token_file))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = edgepack(
+            "fleet", "serve", "--db", db, "--port", port, "--token-file", str(token_file), check=1
+        )
+    assert "cannot listen on 127.0.0.1:" in one_line_error(done)
