@@ -176,7 +176,7 @@ def _error(refusal: _RefusalError) -> JSONResponse:
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
     """The body, refusing (413) as soon as it passes ``limit``, with or without Content-Length."""
     length = request.headers.get("content-length")
     if length is not None:
@@ -189,7 +189,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        with anyio.fail_after(BODY_TIMEOUT_S):
+        with anyio.fail_after(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
@@ -204,7 +204,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise _RefusalError(
             408,
             "timeout",
-            f"the body took longer than {BODY_TIMEOUT_S:g} s",
+            f"the body took longer than {timeout_s:g} s",
             {"Connection": "close"},
         ) from None
     return b"".join(chunks)
@@ -226,12 +226,14 @@ def make_app(
     operator_tokens: list[bytes],
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
     clock: Callable[[], float] = time.time,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> Starlette:
     """The fleet service over ``store`` (a store, or a factory called once per worker thread).
 
     ``stale_after_s`` is the default bound past which a device's last report
     counts as stale (``?stale_after=`` overrides it per request); ``clock`` gives
-    the receive time stamped on reports and the "now" of the status.
+    the receive time stamped on reports and the "now" of the status; a report
+    whose body takes longer than ``body_timeout_s`` to arrive is refused (408).
     """
     from edgepack.fleet import dashboard, summary
 
@@ -259,7 +261,7 @@ def make_app(
 
     async def reports(request: Request) -> Response:
         try:
-            body = await _read_body(request, fleetreport.MAX_REPORT_BYTES)
+            body = await _read_body(request, fleetreport.MAX_REPORT_BYTES, body_timeout_s)
         except ClientDisconnect:
             request.state.note = "client-disconnected"
             return Response(status_code=400)

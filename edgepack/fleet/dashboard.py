@@ -9,6 +9,8 @@ style sheet or image from anywhere (the app's Content-Security-Policy forbids it
 and refreshes itself every 30 seconds with a ``<meta>`` tag. Stable element ids
 (``rollouts``, ``decisions``, ``stale-devices``, ``unseen-devices``, ``devices``)
 let tests and scrapers find the parts. Long lists are cut at :data:`MAX_ROWS`.
+The status endpoint's query parameters narrow the page too:
+``/?model=M&channel=C&stale_after=2h&unseen_since=1d``.
 
 **Access.** The dashboard shows the fleet, so it needs the operator token like
 the API. A browser cannot send a Bearer header by itself, so either

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,7 +98,7 @@ def service(store_url: str) -> Iterator[Service]:
 
 
 @pytest.fixture
-def sqlite_service(tmp_path: Any) -> Iterator[Service]:
+def sqlite_service(tmp_path: Path) -> Iterator[Service]:
     """The fleet service on SQLite only, for what does not depend on the backend."""
     store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
     try:
@@ -276,6 +277,31 @@ def test_a_body_cut_off_in_transit_is_not_stored(sqlite_service: Service) -> Non
     assert_nothing_stored(sqlite_service.store, device)
     # The device's next, whole report is taken.
     assert sqlite_service.send(device, body)[0] == 202
+
+
+def test_a_body_trickling_in_is_cut_off(tmp_path: Path) -> None:
+    """A client that sends its report byte by byte cannot hold a worker for ever (408)."""
+    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    device = FakeDevice()
+    app = make_app(store, operator_tokens=[TOKEN], body_timeout_s=0.5)
+    try:
+        with running(app) as url:
+            service = Service(url, store)
+            service.enrol(device)
+            body = device.report()
+            head = (
+                f"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                f"{fleetreport.SIGNATURE_HEADER}: {device.sign(body)}\r\n\r\n"
+            ).encode()
+            with socket.create_connection(("127.0.0.1", service.port), timeout=5) as sock:
+                sock.sendall(head + body[:10])
+                started = time.monotonic()
+                answer = sock.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+                assert time.monotonic() - started < 3
+            assert_nothing_stored(store, device)
+    finally:
+        store.close()
 
 
 OPERATOR_CALLS = [
