@@ -497,7 +497,7 @@ class SQLStore:
             "CASE WHEN s.model IS NULL THEN d.channel END, d.last_seen, d.revoked_at, s.model, "
             "s.channel, s.version, s.pending, s.state, s.last_action, s.last_error, s.refused, "
             "s.stale, s.reported_at FROM devices d LEFT JOIN model_states s "
-            f"ON s.device_id = d.device_id{''.join(on)} ORDER BY d.device_id, s.model"
+            f"ON s.device_id = d.device_id{''.join(on)} ORDER BY d.device_id"
         )
 
         def work(cursor: Any) -> list[tuple[Any, ...]]:

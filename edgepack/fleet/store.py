@@ -173,7 +173,7 @@ class FleetStore(Protocol):
     ) -> list[tuple[Any, ...]]:
         """What ``fleet status`` reads, in one query (fast at 100k devices): a row per
         device and reported model matching the filter, or one row with the state's
-        columns None for a device with no such state; by device id, then model.
+        columns None for a device with no such state; a device's rows together, by id.
         The columns are :data:`STATUS_COLUMNS`."""
 
     def last_report(self, device_id: str) -> dict[str, Any] | None:

@@ -16,9 +16,12 @@ are one reason), **running**, **installing** (pending, not failed).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -140,6 +143,23 @@ def release_health(
     return _health(model, channel, version, tallies.get((model, channel, version)))
 
 
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while building a large result.
+
+    The status of 100k devices allocates a few hundred thousand dicts and tuples,
+    none in a cycle; each allocation burst would otherwise run full collections over
+    them (a third of the time). Restored on the way out, whatever happens.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def fleet_status(
     store: FleetStore,
     *,
@@ -158,6 +178,18 @@ def fleet_status(
     reported states matches, or when it is registered to follow the model (channel)
     and has not reported it.
     """
+    with _no_cycle_collection():
+        return _fleet_status(store, model, channel, now, stale_after_s, unseen_since)
+
+
+def _fleet_status(
+    store: FleetStore,
+    model: str | None,
+    channel: str | None,
+    now: float,
+    stale_after_s: float,
+    unseen_since: float | None,
+) -> dict[str, Any]:
     oldest = now - stale_after_s
     tallies: dict[tuple[str, str, str], _Tally] = {}
     devices: list[dict[str, Any]] = []
