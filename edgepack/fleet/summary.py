@@ -1,9 +1,10 @@
 """How releases fare across the fleet: the figures ``fleet status``, the dashboard and
 ``fleet watch`` share.
 
-Pure aggregation over one read of the store's model states (and, for the status,
-its devices and decisions): no SQL here, so both backends give the same figures,
-and one tight loop keeps ``fleet status`` under a second at 100k devices.
+Pure aggregation over one read of the store (``status_rows``: devices joined with
+their model states, as plain rows; and, for the status, the decisions): no SQL here,
+so both backends give the same figures, and one tight loop over plain tuples keeps
+``fleet status`` under a second at 100k devices.
 
 A device's state *speaks of* a release when the release is the version it runs,
 the one it has pending, or one it refused. Per release each device counts once,
@@ -101,27 +102,6 @@ def _count(
             t.installing += 1
 
 
-def _tally(
-    states: list[ModelState], *, now: float, stale_after_s: float
-) -> dict[tuple[str, str, str], _Tally]:
-    tallies: dict[tuple[str, str, str], _Tally] = {}
-    oldest = now - stale_after_s
-    for s in states:
-        _count(
-            tallies,
-            s.device_id,
-            s.model,
-            s.channel,
-            s.version,
-            s.pending,
-            s.refused,
-            s.last_action,
-            s.last_error,
-            s.stale or s.reported_at < oldest,
-        )
-    return tallies
-
-
 def _health(model: str, channel: str, version: str, t: _Tally | None) -> ReleaseHealth:
     t = t or _Tally()
     return ReleaseHealth(
@@ -133,14 +113,6 @@ def _health(model: str, channel: str, version: str, t: _Tally | None) -> Release
         installing=t.installing,
         stale=t.stale,
     )
-
-
-def release_health(
-    store: FleetStore, model: str, channel: str, version: str, *, now: float, stale_after_s: float
-) -> ReleaseHealth:
-    """How ``version`` of ``model`` on ``channel`` fares (see the module's rules)."""
-    tallies = _tally(store.states(model, channel), now=now, stale_after_s=stale_after_s)
-    return _health(model, channel, version, tallies.get((model, channel, version)))
 
 
 @contextlib.contextmanager
@@ -158,6 +130,26 @@ def _no_cycle_collection() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def release_health(
+    store: FleetStore, model: str, channel: str, version: str, *, now: float, stale_after_s: float
+) -> ReleaseHealth:
+    """How ``version`` of ``model`` on ``channel`` fares (see the module's rules)."""
+    oldest = now - stale_after_s
+    tallies: dict[tuple[str, str, str], _Tally] = {}
+    loads = json.loads
+    with _no_cycle_collection():
+        # status_rows, not states(): plain tuples, no dataclass per row (twice as fast).
+        for row in store.status_rows(model, channel):
+            if row[5] is None:
+                continue  # a device that has not reported this model
+            refused = {} if row[12] == "{}" else loads(row[12])
+            stale = bool(row[13]) or row[14] < oldest
+            _count(
+                tallies, row[0], row[5], row[6], row[7], row[8], refused, row[10], row[11], stale
+            )
+    return _health(model, channel, version, tallies.get((model, channel, version)))
 
 
 def fleet_status(
