@@ -239,6 +239,7 @@ def make_app(
 
     tokens = _Tokens(operator_tokens)
     stores = _Stores(store)
+    identities = ingest_mod.IdentityCache()
 
     async def status_of(request: Request) -> dict[str, Any]:
         stale = _query_duration(request, "stale_after")
@@ -268,7 +269,9 @@ def make_app(
         signature = request.headers.get(fleetreport.SIGNATURE_HEADER)
         now = clock()
         try:
-            accepted = await stores.call(lambda s: ingest_mod.ingest(s, body, signature, now=now))
+            accepted = await stores.call(
+                lambda s: ingest_mod.ingest(s, body, signature, now=now, cache=identities)
+            )
         except RefusedError as exc:
             raise _RefusalError(exc.code, exc.reason, str(exc)) from None
         request.state.note = accepted.device_id

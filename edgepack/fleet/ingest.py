@@ -24,6 +24,8 @@ store is written, and the counter check is the store's own transaction.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +43,55 @@ class Accepted:
     report: dict[str, Any]
 
 
-def ingest(store: FleetStore, body: bytes, signature: str | None, *, now: float) -> Accepted:
-    """Check ``body`` (signed by ``signature``) and store it; raise RefusedError otherwise."""
+class IdentityCache:
+    """Registered devices' identity keys and followed models, kept for ``ttl_s``.
+
+    It saves the service one database round trip per report. It is safe because a
+    device id is derived from its identity key, so the key of an id never changes;
+    revocation is not cached at all (the store's own ingest transaction refuses a
+    revoked device, and the entry is dropped). Only the followed models may lag a
+    re-registration by up to ``ttl_s``. Unknown devices are never cached.
+    """
+
+    def __init__(self, ttl_s: float = 10.0, size: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._entries: dict[str, tuple[float, Device]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, device_id: str) -> Device | None:
+        """The cached registration, or None when absent or older than the bound."""
+        with self._lock:
+            entry = self._entries.get(device_id)
+        if entry is None or time.monotonic() - entry[0] > self.ttl_s:
+            return None
+        return entry[1]
+
+    def put(self, device: Device) -> None:
+        """Remember a registered device (the oldest entry goes when full)."""
+        with self._lock:
+            if len(self._entries) >= self.size and device.device_id not in self._entries:
+                del self._entries[next(iter(self._entries))]
+            self._entries[device.device_id] = (time.monotonic(), device)
+
+    def drop(self, device_id: str) -> None:
+        """Forget a device (it was refused by the store)."""
+        with self._lock:
+            self._entries.pop(device_id, None)
+
+
+def ingest(
+    store: FleetStore,
+    body: bytes,
+    signature: str | None,
+    *,
+    now: float,
+    cache: IdentityCache | None = None,
+) -> Accepted:
+    """Check ``body`` (signed by ``signature``) and store it; raise RefusedError otherwise.
+
+    ``cache`` (optional) holds registered identities between reports.
+    """
     if len(body) > fleetreport.MAX_REPORT_BYTES:
         raise RefusedError(
             413, "too-large", f"a report is at most {fleetreport.MAX_REPORT_BYTES} bytes"
@@ -55,7 +104,11 @@ def ingest(store: FleetStore, body: bytes, signature: str | None, *, now: float)
         device_id = fleetreport.device_id_of(body)
     except InvalidInputError as exc:
         raise RefusedError(400, "malformed", exc.message) from None
-    device = _registered(store, device_id)
+    device = cache.get(device_id) if cache is not None else None
+    if device is None:
+        device = _registered(store, device_id)
+        if cache is not None:
+            cache.put(device)
     if not fleetreport.verify(device.identity, body, signature):
         raise RefusedError(
             401, "bad-signature", f"the report is not signed by {device_id}'s registered key"
@@ -75,6 +128,10 @@ def ingest(store: FleetStore, body: bytes, signature: str | None, *, now: float)
         store.ingest(device_id, report["counter"], now, report, body)
     except StoreUnavailableError as exc:
         raise RefusedError(503, "store-unavailable", exc.message) from None
+    except RefusedError as exc:
+        if cache is not None and exc.code == 403:
+            cache.drop(device_id)
+        raise
     return Accepted(device_id, report["counter"], report)
 
 

@@ -203,6 +203,20 @@ def test_refusals_over_http(service: Service) -> None:
         assert_nothing_stored(service.store, d)
 
 
+def test_a_device_revoked_after_reporting_is_refused_at_once(service: Service) -> None:
+    """The service keeps identities between reports, never a device's revocation."""
+    device = FakeDevice()
+    service.enrol(device)
+    first = device.report()
+    assert service.send(device, first)[0] == 202
+    path = f"/v1/devices/{device.device_id}/revoke"
+    assert service.request("POST", path, b'{"reason": "stolen"}', AUTH).status == 200
+    status, answer = service.send(device, device.report())
+    assert (status, answer["error"]) == (403, "revoked")
+    assert service.store.last_report(device.device_id) == json.loads(first)
+    assert service.store.device(device.device_id).last_counter == 1  # type: ignore[union-attr]
+
+
 def test_a_replayed_report_is_refused(service: Service) -> None:
     device = FakeDevice()
     service.enrol(device)
