@@ -177,3 +177,39 @@ def test_a_replayed_report_is_refused_and_the_stored_one_kept(store: FleetStore)
     assert store.device(device.device_id).last_counter == 10  # type: ignore[union-attr]
     (state,) = store.states()
     assert state.version == "1.0.0"
+
+
+def test_the_identity_cache_never_hides_a_revocation(store: FleetStore) -> None:
+    cache = ingest.IdentityCache(ttl_s=60)
+    device = FakeDevice()
+    enrol(store, device)
+    body = device.report()
+    ingest.ingest(store, body, device.sign(body), now=time.time(), cache=cache)
+    assert cache.get(device.device_id) is not None
+    assert store.revoke(device.device_id, "stolen", time.time())
+    second = device.report()
+    with pytest.raises(RefusedError) as info:
+        ingest.ingest(store, second, device.sign(second), now=time.time(), cache=cache)
+    assert (info.value.code, info.value.reason) == (403, "revoked")
+    assert cache.get(device.device_id) is None
+    assert store.last_report(device.device_id) == json.loads(body)
+
+
+def test_the_identity_cache_checks_the_cached_key(store: FleetStore) -> None:
+    cache = ingest.IdentityCache(ttl_s=60)
+    device = FakeDevice()
+    enrol(store, device)
+    body = device.report()
+    ingest.ingest(store, body, device.sign(body), now=time.time(), cache=cache)
+    forged = device.report()
+    error = refused_with_cache(store, forged, FakeDevice().sign(forged), cache)
+    assert (error.code, error.reason) == (401, "bad-signature")
+    assert store.device(device.device_id).last_counter == 1  # type: ignore[union-attr]
+
+
+def refused_with_cache(
+    store: FleetStore, body: bytes, signature: str, cache: ingest.IdentityCache
+) -> RefusedError:
+    with pytest.raises(RefusedError) as info:
+        ingest.ingest(store, body, signature, now=time.time(), cache=cache)
+    return info.value
