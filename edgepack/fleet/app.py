@@ -39,6 +39,7 @@ from typing import Any, TypeVar, cast
 import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -378,6 +379,11 @@ def make_app(
         request.state.note = "store-unavailable"
         return _error(_RefusalError(503, "store-unavailable", str(exc), {"Retry-After": "5"}))
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        word = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return _error(_RefusalError(exc.status_code, word, str(exc.detail), exc.headers))
+
     async def bad_input(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InvalidInputError)
         return _error(_RefusalError(400, "bad-input", exc.diagnostics()))
@@ -404,6 +410,7 @@ def make_app(
             _RefusalError: refused,
             StoreUnavailableError: unavailable,
             InvalidInputError: bad_input,
+            HTTPException: http_error,
         },
         middleware=[Middleware(_AccessLog)],
         lifespan=lifespan,

@@ -355,6 +355,31 @@ def test_healthz_needs_nothing_and_says_nothing(sqlite_service: Service) -> None
     response = sqlite_service.request("GET", "/healthz")
     assert (response.status, response.json()) == (200, {"status": "ok"})
     assert b"dev-" not in response.data
+    # Other paths and methods answer in the same JSON form.
+    assert sqlite_service.request("GET", "/v1/nothing").json()["error"] == "not-found"
+    wrong = sqlite_service.request("GET", "/v1/reports")
+    assert (wrong.status, wrong.json()["error"]) == (405, "method-not-allowed")
+
+
+def test_rotating_tokens_both_work(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    new = b"the-new-operator-token-0123456789"
+    try:
+        with running(make_app(store, operator_tokens=[TOKEN, new])) as url:
+            service = Service(url, store)
+            for token in (TOKEN, new):
+                headers = {"Authorization": "Bearer " + token.decode()}
+                assert service.request("GET", "/v1/devices", headers=headers).status == 200
+            assert (
+                service.request(
+                    "GET",
+                    "/v1/devices",
+                    headers={"Authorization": "Bearer " + (TOKEN + new).decode()},
+                ).status
+                == 403
+            )
+    finally:
+        store.close()
 
 
 def test_the_dashboard_cookie_is_httponly_strict_and_not_an_api_credential(
