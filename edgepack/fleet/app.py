@@ -229,7 +229,7 @@ def make_app(
     clock: Callable[[], float] = time.time,
     body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> Starlette:
-    """The fleet service over ``store`` (a store, or a factory called once per worker thread).
+    """The fleet service over ``store`` (a store, or a factory called once, on first need).
 
     ``stale_after_s`` is the default bound past which a device's last report
     counts as stale (``?stale_after=`` overrides it per request); ``clock`` gives
@@ -307,6 +307,7 @@ def make_app(
             created = await stores.call(lambda s: s.register(new_device))
         except InvalidInputError as exc:
             raise _RefusalError(409, "revoked", exc.diagnostics()) from None
+        identities.drop(new_device.device_id)  # its followed models may have changed
         request.state.note = new_device.device_id
         return JSONResponse(
             {"device_id": new_device.device_id, "created": created},
@@ -328,6 +329,7 @@ def make_app(
             reason = fleetreport.cut(doc.get("reason", "")) or ""
         now = clock()
         done = await stores.call(lambda s: s.revoke(device_id, reason, now))
+        identities.drop(device_id)
         if not done:
             raise _RefusalError(404, "unknown-device", f"{device_id} is not registered")
         request.state.note = device_id
