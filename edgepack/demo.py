@@ -1,9 +1,13 @@
 """``make demo``: the whole loop on this machine, narrated.
 
 Keys → build for an x86-64 and an aarch64 profile → TUF repository →
-serve on loopback → two devices install, health-check and run the model →
-a broken v2 is refused (automatic rollback) → v3 at a 50% rollout → an
-operator rollback returns the device to v1 from its cache.
+serve it and the fleet service (SQLite) on loopback → two devices enrol, are
+registered, install, health-check, run the model and report → a broken v2 at a
+partial rollout fails its health check on the one device it reaches, the
+device's signed report shows it in ``edgepack fleet status``, and ``edgepack
+fleet watch`` halts the rollout before it reaches the second device → v3 at a
+50% rollout → an operator rollback returns the device to v1 from its cache →
+the closing fleet table, from the fleet service's store.
 
 Everything runs through the real commands (``edgepack``, ``edgepack-agent``)
 as subprocesses, in a temporary directory removed at the end unless KEEP=1.
@@ -51,7 +55,10 @@ class Demo:
         self.env = dict(os.environ, EDGEPACK_PASSPHRASE=PASSPHRASE, EDGEPACK_DEBUG="0")
         self.devices: dict[str, dict[str, Any]] = {}
         self.server: subprocess.Popen[bytes] | None = None
+        self.fleet: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.fleet_url = ""
+        self.fleet_db = f"sqlite:///{root / 'fleet.db'}"
         self.step_no = 0
 
     # ------------------------------------------------------------------ helpers
@@ -202,14 +209,31 @@ def publish(demo: Demo, bundles: Sequence[Path]) -> None:
     )
 
 
-def serve(demo: Demo) -> None:
-    """``edgepack repo serve`` on a free loopback port, in the background."""
+def _free_port() -> int:
     import socket
 
-    demo.step("Serve the repository on loopback")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+def _wait_listening(port: int, what: str) -> None:
+    import socket
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise DemoError(f"the {what} did not start")
+
+
+def serve(demo: Demo) -> None:
+    """``edgepack repo serve`` on a free loopback port, in the background."""
+    demo.step("Serve the repository on loopback")
+    port = _free_port()
     demo.server = subprocess.Popen(
         [
             sys.executable,
@@ -226,16 +250,40 @@ def serve(demo: Demo) -> None:
         stderr=subprocess.DEVNULL,
     )
     demo.url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        raise DemoError("the repository server did not start")
+    _wait_listening(port, "repository server")
     console.print(f"serving {demo.repo / 'public'} at {demo.url}/ (metadata/, targets/)")
+
+
+def serve_fleet(demo: Demo) -> None:
+    """``edgepack fleet serve`` with SQLite on a free loopback port, in the background."""
+    demo.step("Start the fleet service (SQLite) on loopback")
+    token = demo.keys / "fleet-operator.token"
+    demo.run("edgepack", "fleet", "token", "--out", str(token), as_json=False)
+    port = _free_port()
+    demo.fleet = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgepack.cli",
+            "fleet",
+            "serve",
+            "--db",
+            demo.fleet_db,
+            "--port",
+            str(port),
+            "--token-file",
+            str(token),
+        ],
+        env=demo.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    demo.fleet_url = f"http://127.0.0.1:{port}"
+    _wait_listening(port, "fleet service")
+    console.print(
+        f"fleet service at {demo.fleet_url}/ (store {demo.fleet_db}); the dashboard and the "
+        "operator API need the token in $DEMO/keys/fleet-operator.token"
+    )
 
 
 def enroll(demo: Demo) -> None:
@@ -262,9 +310,13 @@ def enroll(demo: Demo) -> None:
             str(demo.keys / "producer.pub"),
             "--recipient-key",
             str(demo.keys / f"{device}.key"),
+            "--fleet-url",
+            demo.fleet_url,
         )
         demo.devices[device] = {"data": data, "profile": profile, "id": result["device_id"]}
         console.print(f"{device}: id {result['device_id']}, profile {profile}")
+        # The operator's consent: a device never registers itself.
+        demo.run("edgepack", "fleet", "register", str(result["record"]), "--db", demo.fleet_db)
     console.print(
         "[dim]device-b is enrolled with an explicit aarch64 profile, so it selects and verifies the aarch64 "
         "variant; on this x86-64 host its model runs on the x86 CPU. The real agent on emulated aarch64 is "
@@ -273,7 +325,8 @@ def enroll(demo: Demo) -> None:
 
 
 def poll(demo: Demo, device: str) -> list[dict[str, Any]]:
-    """One ``edgepack-agent run --once``; returns the per-model outcomes."""
+    """One ``edgepack-agent run --once``, then its signed report to the fleet service;
+    returns the per-model outcomes."""
     start = time.perf_counter()
     outcomes = demo.run(
         "edgepack-agent",
@@ -291,6 +344,7 @@ def poll(demo: Demo, device: str) -> list[dict[str, Any]]:
         console.print(
             f"  {device}: [{style}]{escape(line)}[/{style}] ({elapsed:.2f} s)", soft_wrap=True
         )
+    demo.run("edgepack-agent", "report", "--data-dir", str(demo.devices[device]["data"]))
     return list(outcomes or [])
 
 
@@ -377,22 +431,55 @@ def broken_release(demo: Demo, v1: Sequence[Path]) -> list[Path]:
     return out
 
 
-def summary(demo: Demo) -> None:
-    """A table of each device: its profile, what it runs, what it keeps cached."""
+def fleet_status(demo: Demo) -> dict[str, Any]:
+    """``edgepack fleet status --json`` from the fleet service's store."""
+    status = demo.run("edgepack", "fleet", "status", "--db", demo.fleet_db, ok=(0, 4))
+    return status if isinstance(status, dict) else {}
+
+
+def show_releases(demo: Demo, status: dict[str, Any]) -> None:
+    """The per-release rows of ``fleet status``: who runs it, who failed it and why."""
     from rich.table import Table
 
-    table = Table(title="the fleet now")
-    for column in ("device", "profile", "running", "cached revisions (known good)"):
+    table = Table(title="releases, as the devices report them")
+    for column in ("release", "running", "failed (why)", "failure rate"):
+        table.add_column(column)
+    for r in status.get("releases", []):
+        failed = ", ".join(f"{n} ({why})" for why, n in (r.get("failed") or {}).items()) or "0"
+        rate = r.get("failure_rate")
+        table.add_row(
+            f"{r['model']} {r['version']} on {r['channel']}",
+            str(r.get("running", 0)),
+            failed,
+            "-" if rate is None else f"{rate:.0%}",
+        )
+    console.print(table)
+
+
+def summary(demo: Demo) -> None:
+    """The fleet now, from ``edgepack fleet status`` (the devices' signed reports)."""
+    from rich.table import Table
+
+    status = fleet_status(demo)
+    by_id = {d["device_id"]: d for d in status.get("devices", [])}
+    table = Table(title="the fleet now (edgepack fleet status)")
+    for column in ("device", "profile", "running", "last report", "refused"):
         table.add_column(column)
     for device, facts in demo.devices.items():
-        listed = demo.run("edgepack-agent", "list", MODEL, "--data-dir", str(facts["data"]))
-        revisions = listed.get(MODEL, []) if isinstance(listed, dict) else []
-        active = next((r["version"] for r in revisions if r.get("active")), "-")
-        cached = ", ".join(
-            str(r["version"]) for r in revisions if r.get("known_good") and not r.get("active")
+        entry = by_id.get(facts["id"], {})
+        model = (entry.get("models") or {}).get(MODEL, {})
+        seen = entry.get("last_seen")
+        refused = ", ".join(sorted(model.get("refused") or {})) or "-"
+        table.add_row(
+            device,
+            str(facts["profile"]),
+            str(model.get("version") or "-"),
+            "never" if not seen else f"{max(0.0, time.time() - float(seen)):.0f} s ago",
+            refused,
         )
-        table.add_row(device, str(facts["profile"]), str(active), cached or "-")
     console.print(table)
+    if not by_id:
+        raise DemoError("edgepack fleet status lists no device: the reports did not arrive")
 
 
 def split_rollout(demo: Demo, version: str) -> int:
@@ -411,6 +498,18 @@ def split_rollout(demo: Demo, version: str) -> int:
     )
     assert low < percent <= high
     return percent
+
+
+def in_rollout(demo: Demo, version: str, percent: float) -> tuple[str, str]:
+    """(the device inside a ``percent`` rollout of ``version``, the one outside)."""
+    from edgepack.channel import rollout_bucket
+
+    ordered = sorted(
+        demo.devices, key=lambda d: rollout_bucket(MODEL, version, demo.devices[d]["id"])
+    )
+    first, second = ordered[0], ordered[-1]
+    assert rollout_bucket(MODEL, version, demo.devices[first]["id"]) < percent
+    return first, second
 
 
 def main() -> int:
@@ -433,6 +532,7 @@ def main() -> int:
             v1 = build_release(demo, model, "1.0.0", x_test, y_test)
             init_repository(demo, v1)
             serve(demo)
+            serve_fleet(demo)
             demo.step("Enroll two devices and run their agents")
             enroll(demo)
             for device in demo.devices:
@@ -440,9 +540,12 @@ def main() -> int:
             for device in demo.devices:
                 infer(demo, device, x_test[0], int(y_test[0]))
 
-            demo.step("Publish a broken v2 (wrong outputs, validly signed) and promote it")
+            demo.step(
+                "Publish a broken v2 (wrong outputs, validly signed) at a watched partial rollout"
+            )
             v2 = broken_release(demo, v1)
             publish(demo, v2)
+            percent = split_rollout(demo, "2.0.0")
             demo.run(
                 "edgepack",
                 "promote",
@@ -452,12 +555,48 @@ def main() -> int:
                 str(demo.repo),
                 "--channel",
                 "stable",
+                "--rollout",
+                str(percent),
+                "--halt-on-failure",
+                "50%",
+                "--min-devices",
+                "1",
+                "--widen",
+                "100",
+                "--widen-after",
+                "1s",
             )
-            for device in demo.devices:
-                poll(demo, device)
+            first, second = in_rollout(demo, "2.0.0", percent)
+            poll(demo, first)
+            console.print(
+                f"  {first} runs {running(demo, first)}: the health check refused v2, v1 kept"
+            )
+            show_releases(demo, fleet_status(demo))
+            watched = demo.run(
+                "edgepack",
+                "fleet",
+                "watch",
+                "--db",
+                demo.fleet_db,
+                "--repo",
+                str(demo.repo),
+                "--once",
+            )
+            decisions = watched.get("decisions", []) if isinstance(watched, dict) else []
+            for d in decisions:
                 console.print(
-                    f"  {device} runs {running(demo, device)}: the health check refused v2, v1 kept"
+                    f"  fleet watch: {d['action']} {d['model']} {d['version']}: {d['reason']}"
                 )
+            if not any(d.get("action") == "halt" for d in decisions):
+                raise DemoError("fleet watch did not halt the failing rollout")
+            console.print(
+                "  [dim]healthy, the policy would have widened v2 to 100% on this step; halted, "
+                "it stays where it was[/dim]"
+            )
+            poll(demo, second)
+            console.print(
+                f"  {second} runs {running(demo, second)}: the halted rollout never reached it"
+            )
             demo.run("edgepack", "revoke", MODEL, "2.0.0", "--repo", str(demo.repo))
 
             demo.step("Publish a good v3 at a partial rollout, then roll back")
@@ -507,16 +646,19 @@ def main() -> int:
                 f"repository work tree: {demo.repo} (keys/ private, public/ served)\n"
                 f"bundles: {demo.build}\n"
                 f"devices: {', '.join(str(v['data']) for v in demo.devices.values())}\n"
-                "try: edgepack inspect BUNDLE · edgepack repo status REPO · edgepack-agent status --data-dir DIR\n"
-                "docs: docs/bundle-format.md, docs/repository.md, docs/agent.md, docs/threat-model.md"
+                f"fleet store: {demo.fleet_db}\n"
+                "try: edgepack inspect BUNDLE · edgepack repo status REPO · edgepack-agent status --data-dir DIR"
+                " · edgepack fleet status --db URL\n"
+                "docs: docs/bundle-format.md, docs/repository.md, docs/agent.md, docs/fleet.md, docs/threat-model.md"
             )
         except DemoError as exc:
             console.print(f"[bold red]demo failed:[/bold red] {exc}")
             return 1
         finally:
-            if demo.server is not None:
-                demo.server.terminate()
-                demo.server.wait(timeout=10)
+            for server in (demo.server, demo.fleet):
+                if server is not None:
+                    server.terminate()
+                    server.wait(timeout=10)
     console.print(
         f"[bold green]demo finished in {time.perf_counter() - started:.0f} s[/bold green]"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 DEMO_TIMEOUT_S = 400
-SERVE_PATTERN = "edgepack.cli repo serve"
+SERVE_PATTERN = "edgepack.cli (repo|fleet) serve"  # pgrep -f takes an extended regex
 
 
 def pgrep(*args: str) -> set[int]:
@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert not leftovers, f"the demo left {sorted(leftovers.values())} running"
-    assert not ours, f"the demo left its repository server running: {ours}"
+    assert not ours, f"the demo left its repository or fleet server running: {ours}"
 
     assert proc.returncode == 0, f"the demo exited {proc.returncode}:\n{tail}"
     assert "demo failed" not in out, tail
@@ -80,13 +80,23 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> None:
     predictions = re.findall(r"(device-[ab]): predicted (\d), true (\d)", out)
     assert {d for d, _, _ in predictions} == {"device-a", "device-b"}, tail
     assert all(p == t for _, p, t in predictions), predictions
-    # The broken v2 was refused by the health check on both, and both kept v1.
-    # Each line names the refused release and, apart from it, the revision kept.
+    # The broken v2, at a watched partial rollout, reached one device; its health check
+    # refused it (v1 kept), the device's signed report put the failure in `fleet status`,
+    # and `fleet watch` halted the rollout before it reached the other device.
     refusals = re.findall(
         r"device-[ab]: digits: failed 2\.0\.0 \(.*health check failed.*\); running 1\.0\.0-", out
     )
-    assert len(refusals) == 2, tail
-    assert out.count("the health check refused v2, v1 kept") == 2, tail
+    assert len(refusals) == 1, tail
+    assert out.count("the health check refused v2, v1 kept") == 1, tail
+    assert re.search(
+        r"digits 2\.0\.0 on stable\s*│\s*0\s*│\s*1 \(health check failed\)\s*│\s*100%", out
+    ), out
+    assert re.search(r"fleet watch: halt digits 2\.0\.0: 1 of 1 fresh devices failed", out), out
+    assert out.count("the halted rollout never reached it") == 1, out
+    # The closing table is the fleet service's: both devices reported, both run v1.
+    closing = out[out.index("the fleet now (edgepack fleet status)") :]
+    assert re.search(r"device-a\s*│[^│]*│\s*1\.0\.0\s*│\s*\d+ s ago", closing), closing
+    assert re.search(r"device-b\s*│[^│]*│\s*1\.0\.0\s*│\s*\d+ s ago", closing), closing
     # v3 reached exactly one device; the operator rollback sent it back to v1 from cache.
     assert len(re.findall(r"device-[ab]: digits: installed 3\.0\.0-", out)) == 1, tail
     assert len(re.findall(r"device-[ab]: digits: rolled-back 1\.0\.0-", out)) == 1, tail
