@@ -72,6 +72,22 @@ MODEL_KEYS = {
     "health_latency_ms",
     "stale",
 }
+OPTIONAL_MODEL_KEYS = frozenset({"monitoring"})
+"""May be absent (an agent without monitoring, or with it turned off) or null."""
+MONITORING_KEYS = {
+    "revision",
+    "rows",
+    "drift_psi",
+    "max_feature_psi",
+    "anomaly_rate",
+    "mean_confidence",
+    "alerts",
+}
+"""A model's ``monitoring`` entry: the last scored window of the running revision
+(docs/monitoring.md); ``previous`` (optional, same keys but itself) is the revision that
+ran before it on this device, for a canary comparison."""
+MAX_ALERTS = 8
+ALERT_KINDS = frozenset({"drift", "feature-drift", "anomalies", "confidence", "output-drift"})
 RECORD_KEYS = {
     "format",
     "format_version",
@@ -165,9 +181,11 @@ def _strict_json(data: bytes, what: str, limit: int) -> dict[str, Any]:
     return raw
 
 
-def _keys(obj: Mapping[str, Any], wanted: set[str], where: str) -> None:
+def _keys(
+    obj: Mapping[str, Any], wanted: set[str], where: str, optional: frozenset[str] = frozenset()
+) -> None:
     missing = wanted - obj.keys()
-    extra = obj.keys() - wanted
+    extra = obj.keys() - wanted - optional
     if missing:
         raise InvalidInputError(f"{where} lacks {', '.join(sorted(missing))}")
     if extra:
@@ -188,6 +206,30 @@ def _number(value: object, where: str, *, optional: bool = False) -> None:
         raise InvalidInputError(f"{where} must be a finite number")
     if value < 0:
         raise InvalidInputError(f"{where} must not be negative")
+
+
+def _monitoring(raw: object, where: str, *, nested: bool = False) -> None:
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"{where} must be an object or null")
+    _keys(raw, MONITORING_KEYS, where, frozenset() if nested else frozenset({"previous"}))
+    _text(raw["revision"], f"{where} revision", limit=128)
+    rows = raw["rows"]
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise InvalidInputError(f"{where} rows must be a whole number")
+    for key in ("drift_psi", "max_feature_psi", "anomaly_rate"):
+        _number(raw[key], f"{where} {key}")
+    _number(raw["mean_confidence"], f"{where} mean_confidence", optional=True)
+    alerts = raw["alerts"]
+    if (
+        not isinstance(alerts, list)
+        or len(alerts) > MAX_ALERTS
+        or not all(a in ALERT_KINDS for a in alerts)
+    ):
+        raise InvalidInputError(
+            f"{where} alerts must be a list of at most {MAX_ALERTS} alert kinds"
+        )
+    if not nested and raw.get("previous") is not None:
+        _monitoring(raw["previous"], f"{where} previous", nested=True)
 
 
 def device_id_of(data: bytes) -> str:
@@ -233,7 +275,9 @@ def parse_report(data: bytes) -> dict[str, Any]:
         where = f"the report's model {name!r}"
         if not isinstance(entry, dict):
             raise InvalidInputError(f"{where} is not an object")
-        _keys(entry, MODEL_KEYS, where)
+        _keys(entry, MODEL_KEYS, where, OPTIONAL_MODEL_KEYS)
+        if entry.get("monitoring") is not None:
+            _monitoring(entry["monitoring"], f"{where} monitoring")
         for key in ("channel", "revision", "version", "state", "pending", "last_action"):
             _text(entry[key], f"{where} {key}", optional=key != "channel", limit=128)
         _text(entry["last_error"], f"{where} last_error", optional=True)
