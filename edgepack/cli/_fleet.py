@@ -335,8 +335,9 @@ def status_command(
     db: str = DB_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Per release: devices running, installing, failed (by reason), stale; the rollout
-    decisions; the stale and unseen devices.
+    """Per release: devices running, installing, failed (by reason), stale; its monitoring
+    (drift, confidence, the canary comparison with the previous revision); the rollout
+    decisions; the drifting, stale and unseen devices.
 
     Exits 4 when a release has failed devices among fresh reports (after printing
     everything), so a monitoring timer can alert on it; 0 otherwise.
@@ -425,6 +426,7 @@ def _print_status(status: dict[str, Any]) -> None:
                 d["reason"],
             )
         console.print(table)
+    _print_drift(console, status)
     stale = [d for d in status["devices"] if d["stale"] and not d["revoked"]]
     stale_s = float(status["stale_after_s"])
     for title, ids in (
@@ -441,6 +443,56 @@ def _print_status(status: dict[str, Any]) -> None:
             console.print(
                 f"  … and {len(ids) - SHOWN_DEVICES} more (--json lists all)", markup=False
             )
+
+
+def _figure(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _print_drift(console: Any, status: dict[str, Any]) -> None:
+    """Per release, the monitoring figures and the canary comparison; the drifting devices."""
+    from rich.table import Table
+
+    watched = [r for r in status["releases"] if r.get("monitoring")]
+    if watched:
+        table = Table(title="monitoring (fresh devices)", title_justify="left")
+        table.add_column("release")
+        for column in ("reporting", "alerting", "median PSI", "confidence"):
+            table.add_column(column, justify="right")
+        table.add_column("canary: vs previous on the same devices")
+        for r in watched:
+            mon = r["monitoring"]
+            canary = mon["canary"]
+            compared = (
+                ""
+                if canary is None
+                else f"{canary['change']:+.3f} ({_figure(canary['confidence'])} vs "
+                f"{_figure(canary['previous_confidence'])}, n={canary['devices']})"
+            )
+            table.add_row(
+                f"{r['model']}/{r['channel']} {r['version']}",
+                str(mon["reporting"]),
+                str(mon["alerting"]),
+                _figure(mon["median_drift_psi"]),
+                _figure(mon["mean_confidence"]),
+                compared,
+            )
+        console.print(table)
+    drifting = status.get("drifting") or []
+    if not drifting:
+        return
+    console.print(f"{len(drifting)} drifting (monitoring alerts):", markup=False)
+    for d in drifting[:SHOWN_DEVICES]:
+        console.print(
+            f"  {d['device_id']}  {d['model']} {d['version']} ({d['revision']}): "
+            f"{', '.join(d['alerts'])}; PSI {_figure(d['drift_psi'])}, anomalies "
+            f"{d['anomaly_rate'] * 100:.1f}%, confidence {_figure(d['mean_confidence'])}",
+            markup=False,
+        )
+    if len(drifting) > SHOWN_DEVICES:
+        console.print(
+            f"  … and {len(drifting) - SHOWN_DEVICES} more (--json lists all)", markup=False
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,8 @@ failure rate, stale, and the last decision taken on it), the decisions log of
 unseen devices. Every value is HTML-escaped; the page loads no script, font,
 style sheet or image from anywhere (the app's Content-Security-Policy forbids it)
 and refreshes itself every 30 seconds with a ``<meta>`` tag. Stable element ids
-(``rollouts``, ``decisions``, ``stale-devices``, ``unseen-devices``, ``devices``)
+(``rollouts``, ``decisions``, ``drifting`` — per release its monitoring and canary
+comparison, then the devices raising monitoring alerts — ``stale-devices``, ``unseen-devices``, ``devices``)
 let tests and scrapers find the parts. Long lists are cut at :data:`MAX_ROWS`.
 The status endpoint's query parameters narrow the page too:
 ``/?model=M&channel=C&stale_after=2h&unseen_since=1d``.
@@ -173,6 +174,63 @@ def _models(models: Mapping[str, Mapping[str, Any]]) -> str:
     return "<br>".join(parts) or '<span class="meta">no report</span>'
 
 
+def _num(value: object, digits: int = 3) -> str:
+    return "—" if not isinstance(value, int | float) else f"{value:.{digits}f}"
+
+
+def _drift(status: Mapping[str, Any]) -> str:
+    """Per release, its monitoring and canary comparison; then the drifting devices."""
+    rows = []
+    for r in status["releases"]:
+        mon = r.get("monitoring")
+        if not mon:
+            continue
+        canary = mon["canary"]
+        compared = (
+            '<span class="meta">—</span>'
+            if canary is None
+            else f'<span class="{"bad" if canary["change"] < 0 else "ok"}">'
+            f"{_e(format(canary['change'], '+.3f'))}</span> ({_e(_num(canary['confidence']))} vs "
+            f"{_e(_num(canary['previous_confidence']))}, n={_e(canary['devices'])})"
+        )
+        key = "/".join((r["model"], r["channel"], r["version"]))
+        rows.append(
+            f'<tr class="monitored" data-release="{_e(key)}">'
+            f"<td>{_e(r['model'])}</td><td>{_e(r['channel'])}</td>"
+            f"<td><code>{_e(r['version'])}</code></td>"
+            f'<td class="n reporting">{_e(mon["reporting"])}</td>'
+            f'<td class="n alerting">{_e(mon["alerting"])}</td>'
+            f'<td class="n psi">{_e(_num(mon["median_drift_psi"]))}</td>'
+            f'<td class="n confidence">{_e(_num(mon["mean_confidence"]))}</td>'
+            f'<td class="canary">{compared}</td></tr>'
+        )
+    releases = _table(
+        ("model", "channel", "release", "reporting", "alerting", "median PSI", "confidence",
+         "canary: vs previous, same devices"),
+        rows,
+        "no fresh device reports monitoring",
+        8,
+    )  # fmt: skip
+    drifting = status.get("drifting") or []
+    devices = [
+        f'<tr class="drifting" data-device="{_e(d["device_id"])}">'
+        f"<td><code>{_e(d['device_id'])}</code></td><td>{_e(d['model'])}</td>"
+        f"<td><code>{_e(d['version'])}</code> ({_e(d['revision'])})</td>"
+        f'<td class="alerts bad">{_e(", ".join(d["alerts"]))}</td>'
+        f'<td class="n">{_e(_num(d["drift_psi"]))}</td>'
+        f'<td class="n">{_e(_num(d["anomaly_rate"]))}</td>'
+        f'<td class="n">{_e(_num(d["mean_confidence"]))}</td></tr>'
+        for d in drifting[:MAX_ROWS]
+    ]
+    table = _table(
+        ("device", "model", "release", "alerts", "drift PSI", "anomaly rate", "confidence"),
+        devices,
+        "no fresh device raises a monitoring alert",
+        7,
+    )
+    return f"{releases}<h3>Drifting devices</h3>{table}{_more(len(drifting))}"
+
+
 _REVOKED = ' <span class="bad">revoked</span>'
 
 
@@ -203,6 +261,7 @@ def render(status: Mapping[str, Any], *, now: float) -> str:
         for d in status["decisions"]
         if d["action"] != "widen"
     }
+    drifting = status.get("drifting") or []
     head = ("device", "last seen", "models")
     tiles = "".join(
         f'<div class="tile" id="tile-{key}"><b class="{cls}">{_e(value)}</b>{_e(label)}</div>'
@@ -213,6 +272,7 @@ def render(status: Mapping[str, Any], *, now: float) -> str:
             ("halted", len(halted), "halted or rolled back", "bad" if halted else "ok"),
             ("stale", len(stale), "stale devices", "warn" if stale else "ok"),
             ("unseen", len(unseen), "unseen devices", "warn" if unseen else "ok"),
+            ("drifting", len(drifting), "drifting devices", "warn" if drifting else "ok"),
         )
     )
     stale_s = float(status.get("stale_after_s", 0))
@@ -228,6 +288,7 @@ a device is stale after {_e(age(stale_s))} without a fresh report; read-only, re
 <div class="tiles" id="summary">{tiles}</div>
 <section id="rollouts"><h2>Rollouts</h2>{_rollouts(status)}</section>
 <section id="decisions"><h2>Decisions</h2>{_decisions(status, now)}</section>
+<section id="drifting"><h2>Drift</h2>{_drift(status)}</section>
 <section id="stale-devices"><h2>Stale devices</h2>
 {_table(head, _device_rows(stale, now), "no stale device", 3)}{_more(len(stale))}</section>
 <section id="unseen-devices"><h2>Unseen devices</h2>

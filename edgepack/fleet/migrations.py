@@ -107,6 +107,11 @@ MIGRATIONS: list[tuple[int, str, list[Statement]]] = [
             "CREATE INDEX decisions_by_model ON decisions (model, decided_at)",
         ],
     ),
+    (
+        3,
+        "model states carry the model's monitoring figures (JSON, null when not reported)",
+        ["ALTER TABLE model_states ADD COLUMN monitoring TEXT"],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

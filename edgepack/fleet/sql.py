@@ -53,7 +53,7 @@ _DEVICE_COLUMNS = (
 )
 _STATE_COLUMNS = (
     "device_id, model, channel, version, revision, state, last_action, last_error, "
-    "refused, pending, health_latency_ms, stale, reported_at"
+    "refused, pending, health_latency_ms, stale, monitoring, reported_at"
 )
 _STATE_ON_CONFLICT = (
     "ON CONFLICT (device_id, model) DO UPDATE SET channel = excluded.channel, "
@@ -61,11 +61,11 @@ _STATE_ON_CONFLICT = (
     "last_action = excluded.last_action, last_error = excluded.last_error, "
     "refused = excluded.refused, pending = excluded.pending, "
     "health_latency_ms = excluded.health_latency_ms, stale = excluded.stale, "
-    "reported_at = excluded.reported_at"
+    "monitoring = excluded.monitoring, reported_at = excluded.reported_at"
 )
 _STATE_UPSERT = (
     f"INSERT INTO model_states ({_STATE_COLUMNS}) "  # noqa: S608 - constant columns
-    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {_STATE_ON_CONFLICT}"
+    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {_STATE_ON_CONFLICT}"
 )
 _DECISION_COLUMNS = "model, channel, version, action, step, reason, decided_at, details"
 
@@ -79,6 +79,14 @@ def _clean(value: object) -> str | None:
     if text.isascii() and "\x00" not in text:
         return text
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+def _monitoring_text(monitoring: object) -> str | None:
+    """A model's monitoring entry (checked by parse_report) as the JSON text stored: ASCII
+    (escapes, so no NUL or lone surrogate reaches either database), None when absent."""
+    if monitoring is None:
+        return None
+    return json.dumps(monitoring, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -378,6 +386,7 @@ class SQLStore:
                 _clean(entry.get("pending")),
                 entry.get("health_latency_ms"),
                 1 if entry.get("stale") else 0,
+                _monitoring_text(entry.get("monitoring")),
                 received_at,
             )
             for name, entry in models.items()
@@ -473,7 +482,8 @@ class SQLStore:
                     r[9],
                     r[10],
                     bool(r[11]),
-                    r[12],
+                    r[13],
+                    None if r[12] is None else loads(r[12]),
                 )
                 for r in cursor.fetchall()
             ]
@@ -496,7 +506,8 @@ class SQLStore:
             "SELECT d.device_id, CASE WHEN s.model IS NULL THEN d.models END, "  # noqa: S608 - placeholders only
             "CASE WHEN s.model IS NULL THEN d.channel END, d.last_seen, d.revoked_at, s.model, "
             "s.channel, s.version, s.pending, s.state, s.last_action, s.last_error, s.refused, "
-            "s.stale, s.reported_at FROM devices d LEFT JOIN model_states s "
+            "s.stale, s.reported_at, s.revision, s.monitoring FROM devices d "
+            "LEFT JOIN model_states s "
             f"ON s.device_id = d.device_id{''.join(on)} ORDER BY d.device_id"
         )
 
@@ -630,6 +641,7 @@ _PG_STATE_TYPES = {
     "pending": "text",
     "health_latency_ms": "float8",
     "stale": "int4",
+    "monitoring": "text",
 }
 _PG_INGEST = (
     # Data-modifying CTEs: every part or none, gated on the conditional update.
@@ -706,7 +718,7 @@ class PostgresStore(SQLStore):
                 "at": received_at,
                 "body": body,
                 "models": [row[1] for row in states],
-                "states": json.dumps([dict(zip(names, row[1:12], strict=True)) for row in states]),
+                "states": json.dumps([dict(zip(names, row[1:-1], strict=True)) for row in states]),
             },
         )
         return bool(cursor.fetchone()[0] == 1)

@@ -50,6 +50,8 @@ class ModelState:
     health_latency_ms: float | None
     stale: bool
     reported_at: float
+    monitoring: dict[str, Any] | None = None
+    """The model's ``monitoring`` entry as reported (fleetreport.MONITORING_KEYS), or None."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ STATUS_COLUMNS = (
     "refused",  # JSON text
     "stale",  # 0 or 1
     "reported_at",
+    "revision",  # the revision the device runs
+    "monitoring",  # the model's monitoring entry, as JSON text (None when not reported)
 )
 """The columns of :meth:`FleetStore.status_rows`, in order."""
 

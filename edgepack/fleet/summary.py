@@ -21,6 +21,7 @@ import contextlib
 import gc
 import json
 import re
+import statistics
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,96 @@ class _Tally:
     stale: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     devices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Watch:
+    """One release's monitoring figures from fresh devices running it."""
+
+    drift: list[float] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    alerting: int = 0
+    alerts: Counter[str] = field(default_factory=Counter)
+    canary: list[tuple[float, float]] = field(default_factory=list)
+    previous: Counter[str] = field(default_factory=Counter)
+
+    def add(self, monitoring: dict[str, Any]) -> None:
+        """Fold one device's monitoring entry in (its canary pair when both have rows)."""
+        self.drift.append(float(monitoring["drift_psi"]))
+        confidence = monitoring.get("mean_confidence")
+        if confidence is not None:
+            self.confidence.append(float(confidence))
+        if monitoring["alerts"]:
+            self.alerting += 1
+            self.alerts.update(monitoring["alerts"])
+        before = monitoring.get("previous")
+        if (
+            before is not None
+            and confidence is not None
+            and before.get("mean_confidence") is not None
+            and monitoring["rows"] > 0
+            and before["rows"] > 0
+        ):
+            self.canary.append((float(confidence), float(before["mean_confidence"])))
+            self.previous[str(before["revision"])] += 1
+
+    def health(self) -> MonitoringHealth:
+        """The figures, summed up."""
+        n = len(self.canary)
+        new = statistics.fmean(c for c, _ in self.canary) if n else None
+        old = statistics.fmean(p for _, p in self.canary) if n else None
+        return MonitoringHealth(
+            reporting=len(self.drift),
+            alerting=self.alerting,
+            alerts=dict(sorted(self.alerts.items())),
+            median_drift_psi=statistics.median(self.drift) if self.drift else None,
+            mean_confidence=statistics.fmean(self.confidence) if self.confidence else None,
+            canary_devices=n,
+            canary_confidence=new,
+            previous_confidence=old,
+            confidence_change=None if new is None or old is None else new - old,
+            previous_revisions=dict(sorted(self.previous.items())),
+        )
+
+
+@dataclass(frozen=True)
+class MonitoringHealth:
+    """How a release's monitoring reads on fresh devices that run it.
+
+    ``reporting``: devices with a monitoring entry of the revision they run;
+    ``alerting``: those with at least one alert. The canary comparison is over the
+    ``canary_devices`` whose entry carries the previous revision's figures (both
+    windows scored, both with a mean confidence): the mean confidence of this release
+    and of the previous revision on the same devices, and the change (new − previous;
+    negative is a drop).
+    """
+
+    reporting: int
+    alerting: int
+    alerts: dict[str, int]
+    median_drift_psi: float | None
+    mean_confidence: float | None
+    canary_devices: int
+    canary_confidence: float | None
+    previous_confidence: float | None
+    confidence_change: float | None
+    previous_revisions: dict[str, int]
+
+    @property
+    def alerting_rate(self) -> float | None:
+        """The share of reporting devices with an alert, None when none reports."""
+        return None if self.reporting == 0 else self.alerting / self.reporting
+
+
+def current_monitoring(text: str | None, revision: str | None) -> dict[str, Any] | None:
+    """A stored monitoring entry, when it is about the revision the device runs (figures
+    of another revision, e.g. scored just before an update, are not this release's)."""
+    if text is None:
+        return None
+    monitoring: dict[str, Any] = json.loads(text)
+    if revision is not None and monitoring.get("revision") != revision:
+        return None
+    return monitoring
 
 
 def is_stale(state: ModelState, *, now: float, stale_after_s: float) -> bool:
@@ -132,6 +223,22 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
+def release_monitoring(
+    store: FleetStore, model: str, channel: str, version: str, *, now: float, stale_after_s: float
+) -> MonitoringHealth:
+    """The monitoring figures of ``version`` of ``model`` on ``channel`` from fresh devices
+    that run it (what ``fleet watch``'s confidence and drift policies read)."""
+    oldest = now - stale_after_s
+    watch = _Watch()
+    for row in store.status_rows(model, channel):
+        if row[5] is None or row[7] != version or bool(row[13]) or row[14] < oldest:
+            continue
+        monitoring = current_monitoring(row[16], row[15])
+        if monitoring is not None:
+            watch.add(monitoring)
+    return watch.health()
+
+
 def release_health(
     store: FleetStore, model: str, channel: str, version: str, *, now: float, stale_after_s: float
 ) -> ReleaseHealth:
@@ -164,7 +271,11 @@ def fleet_status(
     """The fleet at a glance, JSON-ready: ``releases`` (per model, channel and version:
     running, installing, failed by reason, failure_rate, stale, the devices that speak
     of it), ``devices`` (each one's last report, model by model), ``unseen`` (registered,
-    not revoked, never seen or not since ``unseen_since``) and ``decisions``.
+    not revoked, never seen or not since ``unseen_since``), ``drifting`` (fresh devices
+    whose monitoring of the revision they run raises alerts) and ``decisions``. Each
+    release's ``monitoring`` (None when no fresh device reports any): devices reporting
+    and alerting, median drift PSI, mean confidence, and the ``canary`` comparison with
+    the previous revision on the same devices.
 
     ``model`` and ``channel`` narrow every part; a device is listed when one of its
     reported states matches, or when it is registered to follow the model (channel)
@@ -188,12 +299,15 @@ def _fleet_status(
     unseen: list[str] = []
     follows: dict[tuple[str, str], bool] = {}
     models_of: dict[str, Any] = {}
+    watches: dict[tuple[str, str, str], _Watch] = {}
+    drifting: list[dict[str, Any]] = []
     current = None
     loads = json.loads
     listed = devices.append
     for (
         device_id, registered, device_channel, seen, revoked_at,
         m, c, version, pending, state, action, error, refused_text, stale_flag, reported_at,
+        revision, monitoring_text,
     ) in store.status_rows(model, channel):  # fmt: skip
         if device_id != current:
             current = device_id
@@ -231,6 +345,30 @@ def _fleet_status(
             "last_action": action,
             "last_error": error,
         }
+        if monitoring_text is not None:
+            monitoring = current_monitoring(monitoring_text, revision)
+            models_of[m]["monitoring"] = monitoring
+            if monitoring is not None and not stale and version is not None:
+                w = watches.get((m, c, version))
+                if w is None:
+                    w = watches[(m, c, version)] = _Watch()
+                w.add(monitoring)
+                if monitoring["alerts"]:
+                    drifting.append(
+                        {
+                            "device_id": device_id,
+                            "model": m,
+                            "channel": c,
+                            "version": version,
+                            "revision": monitoring["revision"],
+                            "alerts": monitoring["alerts"],
+                            "rows": monitoring["rows"],
+                            "drift_psi": monitoring["drift_psi"],
+                            "max_feature_psi": monitoring["max_feature_psi"],
+                            "anomaly_rate": monitoring["anomaly_rate"],
+                            "mean_confidence": monitoring["mean_confidence"],
+                        }
+                    )
         if refused_text == "{}" and pending is None and version is not None:
             # The common case, inlined (most of 100k rows): one version, nothing else.
             t = tallies.get((m, c, version))
@@ -259,6 +397,7 @@ def _fleet_status(
                 "failure_rate": health.rate,
                 "stale": health.stale,
                 "devices": t.devices,
+                "monitoring": _monitoring_view(watches.get((rm, rc, rv))),
             }
         )
     decisions = [
@@ -270,5 +409,29 @@ def _fleet_status(
         "releases": releases,
         "devices": devices,
         "unseen": unseen,
+        "drifting": drifting,
         "decisions": decisions,
+    }
+
+
+def _monitoring_view(watch: _Watch | None) -> dict[str, Any] | None:
+    """A release's monitoring as JSON (None when no fresh device reports any)."""
+    if watch is None:
+        return None
+    h = watch.health()
+    return {
+        "reporting": h.reporting,
+        "alerting": h.alerting,
+        "alerts": h.alerts,
+        "median_drift_psi": h.median_drift_psi,
+        "mean_confidence": h.mean_confidence,
+        "canary": None
+        if h.canary_devices == 0
+        else {
+            "devices": h.canary_devices,
+            "confidence": h.canary_confidence,
+            "previous_confidence": h.previous_confidence,
+            "change": h.confidence_change,
+            "previous_revisions": h.previous_revisions,
+        },
     }
