@@ -335,6 +335,20 @@ def promote_command(
         metavar="halt|rollback",
         help="What crossing the threshold does: halt (stop widening) or rollback (default halt).",
     ),
+    halt_on_confidence_drop: str | None = typer.Option(
+        None,
+        "--halt-on-confidence-drop",
+        metavar="DROP",
+        help="Watch the rollout's monitoring: stop it when the release's mean confidence is "
+        "more than DROP (0 to 1, e.g. 0.05) under the previous revision's on the same devices.",
+    ),
+    halt_on_drift_alerts: str | None = typer.Option(
+        None,
+        "--halt-on-drift-alerts",
+        metavar="PERCENT",
+        help="Watch the rollout's monitoring: stop it when this share of fresh devices "
+        "reporting monitoring raise an alert (20% or 20).",
+    ),
     widen: str | None = typer.Option(
         None,
         "--widen",
@@ -359,7 +373,7 @@ def promote_command(
     """
     from dataclasses import asdict
 
-    from edgepack.repo._rollouts import BadOptionError, make_policy
+    from edgepack.repo._rollouts import OPTIONAL_POLICY_KEYS, BadOptionError, make_policy
 
     devices: int | None = None
     if min_devices is not None:
@@ -373,6 +387,8 @@ def promote_command(
         widen=widen,
         widen_after=widen_after,
         rollout=rollout,
+        halt_on_confidence_drop=halt_on_confidence_drop,
+        halt_on_drift_alerts=halt_on_drift_alerts,
     )
     result = repo.promote(
         workdir,
@@ -386,11 +402,25 @@ def promote_command(
         policy=policy,
     )
     watched = None if policy is None else {**asdict(policy), "widen": list(policy.widen)}
+    for optional in OPTIONAL_POLICY_KEYS:
+        if watched is not None and watched[optional] is None:
+            del watched[optional]  # as in rollouts.json: only the policies given
     _emit_documents(result, as_json, {"rollout_policy": watched})
     if policy is not None and not as_json:
         steps = f"; widen to {', '.join(f'{s:g}%' for s in policy.widen)}" if policy.widen else ""
+        when = [
+            f"{policy.halt_on_failure * 100:g}% failures"
+            if policy.halt_on_failure is not None
+            else "",
+            f"a confidence drop over {policy.halt_on_confidence_drop:g}"
+            if policy.halt_on_confidence_drop is not None
+            else "",
+            f"{policy.halt_on_drift_alerts * 100:g}% drift alerts"
+            if policy.halt_on_drift_alerts is not None
+            else "",
+        ]
         typer.echo(
-            f"watched: {policy.on_failure} at {policy.halt_on_failure * 100:g}% failures "
+            f"watched: {policy.on_failure} at {' or '.join(w for w in when if w)} "
             f"of at least {policy.min_devices} fresh devices{steps}"
         )
 

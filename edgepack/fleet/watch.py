@@ -6,7 +6,11 @@ reads the release's health from the fleet store (fresh reports only: a stale
 device is counted apart and never in the rate) and decides:
 
 * the failure rate reached the threshold among at least ``min_devices`` fresh
-  devices → the policy's ``on_failure``: **halt** (stop widening; the signed
+  devices — or, with a monitoring policy, the release's mean confidence dropped by
+  more than ``halt_on_confidence_drop`` against the previous revision on the same
+  devices (at least ``min_devices`` fresh ones carrying that canary comparison), or
+  ``halt_on_drift_alerts`` of the fresh devices reporting monitoring raise alerts —
+  → the policy's ``on_failure``: **halt** (stop widening; the signed
   channel document stays as it is, its percentage already frozen since buckets
   are deterministic) or **rollback** (the forward-move rollback, signed with the
   operators' key the watcher was given; without a key the decision is recorded
@@ -36,7 +40,7 @@ from typing import Any
 from edgepack import channel as ch
 from edgepack.errors import ConflictError, KeyFileError
 from edgepack.fleet.store import Decision, FleetStore, ReleaseHealth
-from edgepack.fleet.summary import release_health
+from edgepack.fleet.summary import MonitoringHealth, release_health, release_monitoring
 from edgepack.repo import _channels, _rollouts
 from edgepack.repo._keys import PassphraseSource, no_passphrase
 from edgepack.repo._ops import change_channels, open_store
@@ -153,9 +157,29 @@ def _decide(
         "min_devices": policy.min_devices,
     }
     enough = fresh >= policy.min_devices
-    if enough and rate is not None and rate >= policy.halt_on_failure:
+    regressed = None
+    if policy.halt_on_confidence_drop is not None or policy.halt_on_drift_alerts is not None:
+        monitoring = release_monitoring(
+            store, record.model, record.channel, record.version, now=now, stale_after_s=stale
+        )
+        details["monitoring"] = {
+            "reporting": monitoring.reporting,
+            "alerting": monitoring.alerting,
+            "canary_devices": monitoring.canary_devices,
+            "confidence": monitoring.canary_confidence,
+            "previous_confidence": monitoring.previous_confidence,
+            "change": monitoring.confidence_change,
+        }
+        regressed = _monitoring_reason(monitoring, policy)
+    failing = (
+        enough
+        and rate is not None
+        and policy.halt_on_failure is not None
+        and rate >= policy.halt_on_failure
+    )
+    if failing or regressed is not None:
         action = policy.on_failure
-        reason = _failure_reason(health, policy)
+        reason = _failure_reason(health, policy) if failing else str(regressed)
         if action == ROLLBACK:
             earlier = [r for r in doc.previous if r.version not in doc.revoked]
             if not earlier:
@@ -188,8 +212,9 @@ def _decide(
     reason = (
         f"healthy for {_duration(healthy_for)} at {record.step:g}%: "
         f"{health.failures} of {fresh} fresh devices failed"
-        f"{'' if rate is None else f' ({rate:.1%})'}, under "
-        f"{policy.halt_on_failure:.1%}; {health.stale} stale not counted"
+        f"{'' if rate is None else f' ({rate:.1%})'}"
+        f"{'' if policy.halt_on_failure is None else f', under {policy.halt_on_failure:.1%}'}"
+        f"; {health.stale} stale not counted"
     )
     details["from_step"] = record.step
     return Decision(record.model, record.channel, record.version, WIDEN, step, reason, now, details)
@@ -348,6 +373,45 @@ def _failure_reason(health: ReleaseHealth, policy: _rollouts.Policy) -> str:
         f"at or over {policy.halt_on_failure:.1%} with at least {policy.min_devices}; "
         f"{health.stale} stale not counted"
     )
+
+
+def _monitoring_reason(health: MonitoringHealth, policy: _rollouts.Policy) -> str | None:
+    """What regressed in the release's monitoring, per the policy; None when nothing did.
+
+    Both checks need at least ``min_devices`` fresh devices with the figures they read:
+    the canary comparison (this release's mean confidence against the previous
+    revision's on the same devices) or a monitoring entry at all.
+    """
+    drop = policy.halt_on_confidence_drop
+    change = health.confidence_change
+    if (
+        drop is not None
+        and change is not None
+        and health.canary_devices >= policy.min_devices
+        and -change > drop
+    ):
+        previous = ", ".join(health.previous_revisions)
+        return (
+            f"mean confidence dropped by {-change:.3f} ({health.canary_confidence:.3f} against "
+            f"{health.previous_confidence:.3f} for the previous revision {previous} on the same "
+            f"{health.canary_devices} fresh devices), more than --halt-on-confidence-drop "
+            f"{drop:g} with at least {policy.min_devices}"
+        )
+    share = policy.halt_on_drift_alerts
+    rate = health.alerting_rate
+    if (
+        share is not None
+        and rate is not None
+        and health.reporting >= policy.min_devices
+        and rate >= share
+    ):
+        kinds = ", ".join(f"{n} {kind}" for kind, n in health.alerts.items())
+        return (
+            f"{health.alerting} of {health.reporting} fresh devices raise monitoring alerts "
+            f"({rate:.1%}; {kinds}), at or over --halt-on-drift-alerts {share:.1%} "
+            f"with at least {policy.min_devices}"
+        )
+    return None
 
 
 def _duration(seconds: float) -> str:

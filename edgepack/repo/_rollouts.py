@@ -1,6 +1,7 @@
 """The rollouts the operators asked ``fleet watch`` to watch: ``WORKDIR/rollouts.json``.
 
-``edgepack promote … --halt-on-failure 5%`` records a :class:`Policy` beside the
+``edgepack promote … --halt-on-failure 5%`` (or ``--halt-on-confidence-drop 0.05``,
+``--halt-on-drift-alerts 20%``: the monitoring policies) records a :class:`Policy` beside the
 repository (never in the signed channel document, whose format does not change):
 per model and channel, the release being watched, its policy, where it stands
 (:data:`STATES`) and since when. ``fleet watch`` reads it, decides, and moves it
@@ -37,6 +38,8 @@ SUPERSEDED = "superseded"
 STATES = (WATCHING, HALTED, ROLLED_BACK, COMPLETE, SUPERSEDED)
 """``superseded``: the channel moved on outside the watcher (another version promoted)."""
 ON_FAILURE = ("halt", "rollback")
+OPTIONAL_POLICY_KEYS = ("halt_on_confidence_drop", "halt_on_drift_alerts")
+"""Policy keys a file may lack (older files) and that are written only when set."""
 
 _DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -58,21 +61,41 @@ class Policy:
     each after ``widen_after_s`` seconds healthy at the step before.
     """
 
-    halt_on_failure: float
+    halt_on_failure: float | None
     min_devices: int = 1
     on_failure: str = "halt"
     widen: tuple[float, ...] = ()
     widen_after_s: float = 0.0
+    halt_on_confidence_drop: float | None = None
+    halt_on_drift_alerts: float | None = None
+    """``halt_on_confidence_drop``: an absolute drop in mean confidence (0 to 1) of the
+    release against the previous revision on the same devices, over at least
+    ``min_devices`` fresh devices with that comparison; ``halt_on_drift_alerts``: a
+    fraction of fresh devices reporting monitoring that raise an alert. None: unused.
+    Both are written to the file only when set, so a file without them is unchanged."""
 
     def check(self, rollout: float) -> Policy:
         """Return the policy if it fits a rollout starting at ``rollout`` percent, else raise."""
-        h = self.halt_on_failure
-        if isinstance(h, bool) or not isinstance(h, int | float) or not math.isfinite(h):
-            raise BadOptionError(f"--halt-on-failure must be a percentage, not {h!r}")
-        if not 0 < h <= 1:
+        thresholds = (
+            ("--halt-on-failure", self.halt_on_failure),
+            ("--halt-on-confidence-drop", self.halt_on_confidence_drop),
+            ("--halt-on-drift-alerts", self.halt_on_drift_alerts),
+        )
+        if all(h is None for _, h in thresholds):
             raise BadOptionError(
-                f"--halt-on-failure must be more than 0% and at most 100%, not {h * 100:g}%"
+                "a watched rollout needs --halt-on-failure, --halt-on-confidence-drop "
+                "or --halt-on-drift-alerts"
             )
+        for option, h in thresholds:
+            if h is None:
+                continue
+            if isinstance(h, bool) or not isinstance(h, int | float) or not math.isfinite(h):
+                raise BadOptionError(f"{option} must be a number, not {h!r}")
+            if not 0 < h <= 1:
+                shown = f"{h:g}" if option == "--halt-on-confidence-drop" else f"{h * 100:g}%"
+                raise BadOptionError(
+                    f"{option} must be more than 0 and at most 1 (100%), not {shown}"
+                )
         if isinstance(self.min_devices, bool) or not isinstance(self.min_devices, int):
             raise BadOptionError(f"--min-devices must be a whole number, not {self.min_devices!r}")
         if self.min_devices < 1:
@@ -126,6 +149,9 @@ class Rollout:
         """The record as JSON data (percentages as plain numbers)."""
         data = asdict(self)
         data["policy"]["widen"] = list(self.policy.widen)
+        for optional in OPTIONAL_POLICY_KEYS:
+            if data["policy"][optional] is None:
+                del data["policy"][optional]
         return data
 
 
@@ -166,6 +192,21 @@ def parse_duration(text: str, option: str) -> float:
     return seconds
 
 
+def parse_confidence_drop(text: str, option: str = "--halt-on-confidence-drop") -> float:
+    """``"0.05"`` → 0.05: an absolute drop in mean confidence, more than 0 and at most 1.
+
+    A percentage is refused rather than guessed at (it could be read as relative)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise BadOptionError(
+            f"{option} takes a drop in mean confidence from 0 to 1 (e.g. 0.05), not {text!r}"
+        )
+    return value
+
+
 def make_policy(
     *,
     halt_on_failure: str | None,
@@ -174,17 +215,30 @@ def make_policy(
     widen: str | None,
     widen_after: str | None,
     rollout: float,
+    halt_on_confidence_drop: str | None = None,
+    halt_on_drift_alerts: str | None = None,
 ) -> Policy | None:
     """The policy promote's options describe, checked; None when no option was given."""
-    if all(v is None for v in (halt_on_failure, min_devices, on_failure, widen, widen_after)):
+    given = (halt_on_failure, min_devices, on_failure, widen, widen_after)
+    monitored = (halt_on_confidence_drop, halt_on_drift_alerts)
+    if all(v is None for v in given + monitored):
         return None
-    if halt_on_failure is None:
+    if halt_on_failure is None and all(v is None for v in monitored):
         raise BadOptionError(
-            "a watched rollout needs --halt-on-failure (e.g. 5%)",
+            "a watched rollout needs --halt-on-failure (e.g. 5%), --halt-on-confidence-drop "
+            "or --halt-on-drift-alerts",
             hint="--min-devices, --on-failure, --widen and --widen-after go with it",
         )
     policy = Policy(
-        halt_on_failure=parse_percent(halt_on_failure, "--halt-on-failure") / 100,
+        halt_on_failure=None
+        if halt_on_failure is None
+        else parse_percent(halt_on_failure, "--halt-on-failure") / 100,
+        halt_on_confidence_drop=None
+        if halt_on_confidence_drop is None
+        else parse_confidence_drop(halt_on_confidence_drop),
+        halt_on_drift_alerts=None
+        if halt_on_drift_alerts is None
+        else parse_percent(halt_on_drift_alerts, "--halt-on-drift-alerts") / 100,
         min_devices=1 if min_devices is None else min_devices,
         on_failure="halt" if on_failure is None else on_failure,
         widen=() if widen is None else parse_steps(widen),
@@ -282,15 +336,21 @@ def _record(raw: object, where: str) -> Rollout:
         raise InvalidInputError(f"{where}.step must be from 0 to 100")
     pol = _object(obj["policy"], f"{where}.policy")
     _exact(
-        pol,
+        {k: v for k, v in pol.items() if k not in OPTIONAL_POLICY_KEYS},
         {"halt_on_failure", "min_devices", "on_failure", "widen", "widen_after_s"},
         f"{where}.policy",
     )
     widen = pol["widen"]
     if not isinstance(widen, list):
         raise InvalidInputError(f"{where}.policy.widen must be a list")
+    optional = {
+        k: None if pol.get(k) is None else _num(pol[k], f"{where}.policy.{k}")
+        for k in ("halt_on_failure", *OPTIONAL_POLICY_KEYS)
+    }
     policy = Policy(
-        halt_on_failure=_num(pol["halt_on_failure"], f"{where}.policy.halt_on_failure"),
+        halt_on_failure=optional["halt_on_failure"],
+        halt_on_confidence_drop=optional["halt_on_confidence_drop"],
+        halt_on_drift_alerts=optional["halt_on_drift_alerts"],
         min_devices=pol["min_devices"],
         on_failure=_str(pol["on_failure"], f"{where}.policy.on_failure"),
         widen=tuple(_num(s, f"{where}.policy.widen") for s in widen),
