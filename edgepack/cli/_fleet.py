@@ -459,25 +459,28 @@ def _print_drift(console: Any, status: dict[str, Any]) -> None:
         table.add_column("release")
         for column in ("reporting", "alerting", "median PSI", "confidence"):
             table.add_column(column, justify="right")
-        table.add_column("canary: vs previous on the same devices")
+        compared = []
         for r in watched:
             mon = r["monitoring"]
             canary = mon["canary"]
-            compared = (
-                ""
-                if canary is None
-                else f"{canary['change']:+.3f} ({_figure(canary['confidence'])} vs "
-                f"{_figure(canary['previous_confidence'])}, n={canary['devices']})"
-            )
+            if canary is not None:
+                compared.append(
+                    f"  {r['model']}/{r['channel']} {r['version']}: mean confidence "
+                    f"{canary['change']:+.3f} ({_figure(canary['confidence'])} vs "
+                    f"{_figure(canary['previous_confidence'])}, n={canary['devices']})"
+                )
             table.add_row(
                 f"{r['model']}/{r['channel']} {r['version']}",
                 str(mon["reporting"]),
                 str(mon["alerting"]),
                 _figure(mon["median_drift_psi"]),
                 _figure(mon["mean_confidence"]),
-                compared,
             )
         console.print(table)
+        if compared:
+            console.print("canary: against the previous revision on the same devices", markup=False)
+            for line in compared:
+                console.print(line, markup=False, soft_wrap=True)
     drifting = status.get("drifting") or []
     if not drifting:
         return
@@ -488,6 +491,7 @@ def _print_drift(console: Any, status: dict[str, Any]) -> None:
             f"{', '.join(d['alerts'])}; PSI {_figure(d['drift_psi'])}, anomalies "
             f"{d['anomaly_rate'] * 100:.1f}%, confidence {_figure(d['mean_confidence'])}",
             markup=False,
+            soft_wrap=True,
         )
     if len(drifting) > SHOWN_DEVICES:
         console.print(

@@ -33,6 +33,14 @@ CHROMIUM_ARGS = [
 ]
 HALT_REASON = "failure rate 100% (2 of 2 fresh devices) crossed --halt-on-failure 5%"
 HOSTILE = '<img src=x onerror="document.title=1">'
+_FIGURES = {"rows": 500, "max_feature_psi": 0.5, "anomaly_rate": 0.01}
+MONITORING = {
+    **_FIGURES,
+    "revision": "r1",
+    "mean_confidence": 0.8,
+    "previous": {**_FIGURES, "revision": "r0", "drift_psi": 0.02, "mean_confidence": 0.9,
+                 "alerts": []},
+}  # fmt: skip
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")
 
@@ -57,7 +65,14 @@ def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
     for device in devices.values():
         enrol(store, device)
     for name in ("ok1", "ok2"):
-        send(store, devices[name], model_entry(version="1.0.0"), at=now)
+        entry = model_entry(version="1.0.0")
+        # Both monitor 1.0.0 against 0.9.0 before it; ok1's inputs drift.
+        entry["monitoring"] = {
+            **MONITORING,
+            "alerts": ["drift"] if name == "ok1" else [],
+            "drift_psi": 0.4 if name == "ok1" else 0.02,
+        }
+        send(store, devices[name], entry, at=now)
     for name in ("bad1", "bad2"):
         send(
             store,
@@ -135,6 +150,19 @@ def test_the_dashboard_shows_the_halted_rollout_and_the_stale_device(
             unseen = page.locator("#unseen-devices tr.device")
             assert unseen.count() == 1 and devices["unseen"].device_id in unseen.inner_text()
             assert page.locator("#tile-halted b").inner_text() == "1"
+
+            # The drift section: the release's monitoring, its canary, the drifting device.
+            drift = page.locator("#drifting")
+            monitored = drift.locator('tr.monitored[data-release="detector/stable/1.0.0"]')
+            assert monitored.locator(".reporting").inner_text() == "2"
+            assert monitored.locator(".alerting").inner_text() == "1"
+            assert "-0.100" in monitored.locator(".canary").inner_text()
+            assert "n=2" in monitored.locator(".canary").inner_text()
+            drifting = drift.locator("tr.drifting")
+            assert drifting.count() == 1
+            assert devices["ok1"].device_id in drifting.inner_text()
+            assert "drift" in drifting.locator(".alerts").inner_text()
+            assert page.locator("#tile-drifting b").inner_text() == "1"
 
             # A device's error text is shown as text, never as markup.
             assert HOSTILE in page.locator("#devices").inner_text()
