@@ -207,8 +207,9 @@ def test_fleet_status_cli_shows_drift_and_the_comparison(
 
 
 @pytest.fixture
-def rig(template: Path, tmp_path: Path) -> Iterator[Rig]:
-    made = make_rig(template, tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", count=4)
+def rig(template: Path, tmp_path: Path, store_url: str) -> Iterator[Rig]:
+    """A watched repository over a fleet store on each backend, four devices registered."""
+    made = make_rig(template, tmp_path, store_url, count=4)
     try:
         yield made
     finally:
