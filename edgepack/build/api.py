@@ -8,6 +8,7 @@ validated and packed, so a failed build leaves nothing behind in it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,6 +54,7 @@ class Variant:
     provenance: dict[str, Any]
     health: dict[str, Any]
     report: VariantReport
+    monitoring: dict[str, Any] | None = None
 
 
 @dataclass
@@ -96,6 +98,8 @@ def build(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    monitoring: bool = True,
+    monitor_thresholds: Mapping[str, float] | None = None,
 ) -> BuildResult:
     """Convert, quantise, validate and pack ``model`` for each profile in ``hw``.
 
@@ -103,7 +107,9 @@ def build(
     file), an ``onnx.ModelProto``, a torch ``nn.Module``/``ExportedProgram``
     (with ``example_inputs`` and optional ``dynamic_axes``) or a fitted
     scikit-learn estimator. ``metric(reference_outputs, candidate_outputs)``
-    with ``min_metric`` adds a quality target of your own.
+    with ``min_metric`` adds a quality target of your own. Each bundle carries a
+    monitoring reference of the final model (``monitor_thresholds`` override the
+    producer's default thresholds) unless ``monitoring`` is False.
     """
     from edgepack.bundle import pack
     from edgepack.bundle.metadata import check_name, check_version
@@ -134,6 +140,8 @@ def build(
             dynamic_axes=dynamic_axes,
             allow_pickle=allow_pickle,
             progress=progress,
+            monitoring=monitoring,
+            monitor_thresholds=monitor_thresholds,
         )
         staged.report.name, staged.report.version = name, version
         bundles_dir = work / "bundles"
@@ -154,6 +162,7 @@ def build(
                 quantization=variant.quantization,
                 provenance=variant.provenance,
                 health=variant.health,
+                monitoring=variant.monitoring,
             )
             variant.report.bundle = result.path.name
             written.append(result.path)
@@ -200,10 +209,13 @@ def build_variants(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    monitoring: bool = True,
+    monitor_thresholds: Mapping[str, float] | None = None,
 ) -> Staged:
     """Build a finished model directory per profile under ``workdir`` (no packing)."""
     workdir = Path(workdir).resolve()  # tools run with another working directory
     note = progress or (lambda _: None)
+    thresholds = check_thresholds(monitor_thresholds or {})
     profiles = [load_profile(n) for n in ([hw] if isinstance(hw, str) else list(hw))]
     if not profiles:
         raise InvalidInputError("no hardware profile given", hint="pass --hw PROFILE")
@@ -263,6 +275,12 @@ def build_variants(
         conversion_quality=conversion.as_dict() if conversion else None,
         notes=list(converted.notes),
     )
+    # The reference profiles real data only: never the example inputs or invented noise.
+    monitor_set = (valid_set if raw_validation is not None else calib_set) if monitoring else None
+    if monitoring and monitor_set is None:
+        report.notes.append(
+            "no monitoring reference: no --validation or --calibration data to profile"
+        )
     staged = Staged(report, fp32)
     quantizers: dict[bool, Quantizer] = {}
     for profile in profiles:
@@ -291,9 +309,83 @@ def build_variants(
                 profile, choice, evaluator, variant_dir, valid_set, fp32, fp32_latency, converted
             )
         )
+        if monitor_set is not None:
+            profile_doc, why_not = _reference(
+                variant_dir / "model.onnx", profile, monitor_set, thresholds
+            )
+            staged.variants[-1].monitoring = profile_doc
+            if why_not:
+                staged.variants[-1].report.notes.append(why_not)
         staged.variants[-1].report.notes.extend(quantizer.notes)
         report.variants.append(staged.variants[-1].report)
     return staged
+
+
+def check_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """Monitoring threshold overrides: known keys, finite positive numbers, an integer window."""
+    from edgepack.monitoring import DEFAULT_THRESHOLDS
+
+    checked: dict[str, float] = {}
+    for key, value in thresholds.items():
+        if key not in DEFAULT_THRESHOLDS:
+            raise BadMonitorThresholdError(
+                f"unknown monitoring threshold {key!r}",
+                hint=f"use one of {', '.join(sorted(DEFAULT_THRESHOLDS))}",
+            )
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or number <= 0 or (key == "window" and number % 1):
+            raise BadMonitorThresholdError(
+                f"monitoring threshold {key} must be a positive "
+                f"{'whole number' if key == 'window' else 'number'}, not {value!r}"
+            )
+        checked[key] = number
+    return checked
+
+
+def parse_thresholds(pairs: Sequence[str]) -> dict[str, float]:
+    """``KEY=VALUE`` strings (``--monitor-threshold``) as checked overrides."""
+    parsed: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            parsed[key.strip()] = float(text)
+        except ValueError:
+            raise BadMonitorThresholdError(
+                f"--monitor-threshold {pair!r} is not KEY=NUMBER", hint="e.g. drift_psi=0.3"
+            ) from None
+    return check_thresholds(parsed)
+
+
+class BadMonitorThresholdError(InvalidInputError):
+    """A monitoring threshold override is not usable: bad usage, exit code 2 like click's."""
+
+    exit_code = 2
+
+
+def _reference(
+    model_path: Path, profile: HardwareProfile, data: SampleSet, thresholds: Mapping[str, float]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The monitoring reference of the final model on ``data`` (its inputs, all its outputs),
+    or None and the reason it has none."""
+    from edgepack import monitoring
+
+    session = validate.open_session(model_path, profile.execution_providers)
+    names = [o.name for o in session.get_outputs()]
+    outputs = validate.run(session, data.batches)
+    try:
+        inputs = {k: np.concatenate([b[k] for b in data.batches]) for k in data.batches[0]}
+        results = {n: np.concatenate([o[i] for o in outputs]) for i, n in enumerate(names)}
+    except ValueError:  # variable-length batches (sequences) do not stack into one array
+        return None, "no monitoring reference: the sample batches have different shapes"
+    try:
+        return monitoring.build_reference(inputs, results, thresholds), None
+    except InvalidInputError as exc:
+        return None, f"no monitoring reference: {exc.message}"
 
 
 def _prefixed(note: Progress, prefix: str) -> Progress:

@@ -1,4 +1,4 @@
-"""Bundle format v1: pack, read, verify and unpack edgepack bundles.
+"""Bundle format v2 (v1 still read): pack, read, verify and unpack edgepack bundles.
 
 Importable by the device agent: nothing here needs onnx or any converter.
 The byte-level format is specified in docs/bundle-format.md.

@@ -18,12 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgepack.bundle._monitoring import check_monitoring
 from edgepack.crypto import HPKE_SUITE_NAME, NONCE_PREFIX_SIZE, STREAM_SUITE_NAME, WrappedKey
 from edgepack.errors import BundleFormatError, InvalidInputError
 
 FORMAT = "edgepack-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+"""What :func:`~edgepack.bundle.pack` writes; v2 added the ``monitoring`` field."""
+SUPPORTED_VERSIONS = (1, 2)
 
 META_BUNDLE = "meta/bundle.json"
 META_ENCRYPTION = "meta/encryption.json"
@@ -247,6 +249,13 @@ def parse_bundle_json(
         if doc.get(key) is not None and not isinstance(doc[key], dict):
             raise BundleFormatError(f"meta/bundle.json: {key!r} must be an object or null")
     _require(doc, "min_agent_version", str, "meta/bundle.json")
+    if version == 1 and "monitoring" in doc:
+        raise BundleFormatError("meta/bundle.json: format 1 has no 'monitoring' field")
+    if version >= 2:
+        if "monitoring" not in doc:
+            raise BundleFormatError("meta/bundle.json: missing field 'monitoring'")
+        if doc["monitoring"] is not None:
+            check_monitoring(doc["monitoring"])
     return doc, manifest
 
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from edgepack import versions
 from edgepack._version import __version__
 from edgepack.bundle import _container
+from edgepack.bundle._monitoring import check_monitoring
 from edgepack.bundle._pieces import hash_pieces
 from edgepack.bundle.metadata import (
     FORMAT,
@@ -50,7 +51,7 @@ from edgepack.crypto import (
     segment_count,
     wrap_key,
 )
-from edgepack.errors import EdgepackError, InvalidInputError
+from edgepack.errors import BundleFormatError, EdgepackError, InvalidInputError
 from edgepack.signing import ProducerSigner
 
 DEFAULT_SEGMENT_SIZE = 1024 * 1024
@@ -178,6 +179,7 @@ def pack(
     quantization: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     health: Mapping[str, Any] | None = None,
+    monitoring: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     min_agent_version: str = MIN_AGENT_VERSION,
@@ -189,6 +191,8 @@ def pack(
     temporary file and renamed into place. ``durable`` also fsyncs it before
     the rename (slower on large models; a bundle torn by a crash without it is
     still caught by every reader, since its digests and signature fail).
+    ``monitoring`` is the model's reference profile (:func:`edgepack.monitoring.build_reference`),
+    signed with the rest of the metadata; None records none.
     """
     from edgepack.bundle.reader import read_info
 
@@ -213,6 +217,11 @@ def pack(
             f"{model_dir} has no {model.get('path')!r}",
             hint="the model directory must hold model.onnx",
         )
+    if monitoring is not None:
+        try:
+            check_monitoring(dict(monitoring))
+        except BundleFormatError as exc:
+            raise InvalidInputError(exc.message) from None
     if health is not None and health.get("file") not in {f.path for f in files}:
         raise InvalidInputError(f"the health set file {health.get('file')!r} is not in {model_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +258,7 @@ def pack(
                 "health": dict(health) if health is not None else None,
                 "min_agent_version": min_agent_version,
                 "model": model,
+                "monitoring": dict(monitoring) if monitoring is not None else None,
                 "name": name,
                 "payload": {"files": manifest, "size": payload_size},
                 "profile": profile,

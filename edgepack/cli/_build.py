@@ -103,6 +103,15 @@ def build_command(
     sign_chain: list[Path] = SIGN_CHAIN_OPTION,
     sigstore: bool = SIGSTORE_OPTION,
     passphrase_env: str | None = PASSPHRASE_ENV_OPTION,
+    monitor_threshold: list[str] = typer.Option(
+        [],
+        "--monitor-threshold",
+        metavar="KEY=VALUE",
+        help="Override a default monitoring threshold in the bundle, e.g. drift_psi=0.3 (repeatable).",
+    ),
+    no_monitoring: bool = typer.Option(
+        False, "--no-monitoring", help="Record no monitoring reference in the bundles."
+    ),
     output: Path = typer.Option(
         ..., "-o", "--output", metavar="OUTDIR", help="Directory to write the bundles into."
     ),
@@ -111,7 +120,9 @@ def build_command(
     """Convert, quantise and validate a model per hardware profile, then pack signed bundles."""
     with _builder_extras():
         from edgepack.build import build
+        from edgepack.build.api import parse_thresholds
         from edgepack.build.convert import PICKLE_RISK, PICKLE_SUFFIXES
+    thresholds = parse_thresholds(monitor_threshold)
     from edgepack.keys import load_recipient_public_key
     from edgepack.signing import open_signer
 
@@ -141,6 +152,8 @@ def build_command(
             validation=validation,
             allow_pickle=allow_pickle,
             progress=step,
+            monitoring=not no_monitoring,
+            monitor_thresholds=thresholds,
         )
     data = result.report.as_dict()
     data["bundles"] = [str(p) for p in result.bundles]

@@ -215,6 +215,7 @@ def inspect_command(
         for entry in info.manifest:
             typer.echo(f"  {entry.sha256[:16]}  {entry.size:>12}  {entry.path}")
         typer.echo(f"health set  {'yes' if meta.get('health') else 'none'}")
+        _echo_monitoring(meta.get("monitoring"))
         typer.echo(f"recipients  {len(info.encryption.recipients)}")
         typer.echo(
             f"signature   {summary['signature'].get('kind')} {summary['signature'].get('key_id') or ''}".rstrip()
@@ -222,6 +223,24 @@ def inspect_command(
         typer.echo(f"min agent   {meta['min_agent_version']}")
 
     emit(summary, as_json, human)
+
+
+def _echo_monitoring(reference: dict[str, Any] | None) -> None:
+    """The monitoring reference, briefly: per input its kind and feature count, per output
+    its kind, the thresholds and the reference's size (its canonical JSON)."""
+    if not reference:
+        typer.echo("monitoring  none")
+        return
+    import json
+
+    size = len(json.dumps(reference, sort_keys=True, separators=(",", ":")))
+    typer.echo(f"monitoring  reference of {reference['rows']} rows, {size} bytes")
+    for name, block in reference["inputs"].items():
+        typer.echo(f"  input     {name}: {block['kind']}, {block['features']} feature(s)")
+    for name, block in reference["outputs"].items():
+        typer.echo(f"  output    {name}: {block['kind']}")
+    limits = ", ".join(f"{k}={v:g}" for k, v in sorted(reference["thresholds"].items()))
+    typer.echo(f"  thresholds {limits}")
 
 
 def register(app: typer.Typer) -> None:
