@@ -310,12 +310,11 @@ def build_variants(
             )
         )
         if monitor_set is not None:
-            profile_doc, why_not = _reference(
+            profile_doc, left_out = _reference(
                 variant_dir / "model.onnx", profile, monitor_set, thresholds
             )
             staged.variants[-1].monitoring = profile_doc
-            if why_not:
-                staged.variants[-1].report.notes.append(why_not)
+            staged.variants[-1].report.notes.extend(left_out)
         staged.variants[-1].report.notes.extend(quantizer.notes)
         report.variants.append(staged.variants[-1].report)
     return staged
@@ -369,23 +368,44 @@ class BadMonitorThresholdError(InvalidInputError):
 
 def _reference(
     model_path: Path, profile: HardwareProfile, data: SampleSet, thresholds: Mapping[str, float]
-) -> tuple[dict[str, Any] | None, str | None]:
+) -> tuple[dict[str, Any] | None, list[str]]:
     """The monitoring reference of the final model on ``data`` (its inputs, all its outputs),
-    or None and the reason it has none."""
+    or None; and notes on what it leaves out."""
     from edgepack import monitoring
 
     session = validate.open_session(model_path, profile.execution_providers)
     names = [o.name for o in session.get_outputs()]
-    outputs = validate.run(session, data.batches)
+    runs = validate.run(session, data.batches)
+    notes: list[str] = []
+    inputs: dict[str, np.ndarray] = {}
+    for name in data.batches[0]:
+        stacked = _stack([b[name] for b in data.batches])
+        if stacked is None:
+            return None, [f"no monitoring reference: the batches of input {name!r} differ in shape"]
+        inputs[name] = stacked
+    outputs: dict[str, np.ndarray] = {}
+    for index, name in enumerate(names):
+        stacked = _stack([run[index] for run in runs], ids=False)
+        if stacked is None:
+            notes.append(f"monitoring: output {name!r} not profiled (its batches differ in shape)")
+        else:
+            outputs[name] = stacked
     try:
-        inputs = {k: np.concatenate([b[k] for b in data.batches]) for k in data.batches[0]}
-        results = {n: np.concatenate([o[i] for o in outputs]) for i, n in enumerate(names)}
-    except ValueError:  # variable-length batches (sequences) do not stack into one array
-        return None, "no monitoring reference: the sample batches have different shapes"
-    try:
-        return monitoring.build_reference(inputs, results, thresholds), None
+        return monitoring.build_reference(inputs, outputs, thresholds), notes
     except InvalidInputError as exc:
-        return None, f"no monitoring reference: {exc.message}"
+        return None, [f"no monitoring reference: {exc.message}"]
+
+
+def _stack(arrays: list[np.ndarray], ids: bool = True) -> np.ndarray | None:
+    """The batches as one array of rows; integer ids of varying lengths (token sequences) as
+    one column of all their values, which is what an ``ids`` feature's histogram counts;
+    None for other arrays whose batches differ in shape."""
+    try:
+        return np.concatenate(arrays)
+    except ValueError:
+        if ids and all(a.dtype.kind in "iu" for a in arrays):
+            return np.concatenate([a.reshape(-1) for a in arrays])[:, None]
+        return None
 
 
 def _prefixed(note: Progress, prefix: str) -> Progress:

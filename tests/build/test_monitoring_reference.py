@@ -20,7 +20,7 @@ from edgepack.cli import main
 from edgepack.errors import BundleFormatError, VerificationError
 from edgepack.keys import load_signing_public_key
 from edgepack.signing import TrustPolicy
-from tests.build.conftest import build_args
+from tests.build.conftest import build_args, needs_torch
 from tests.build.helpers import outdir_files
 from tests.bundle import surgery
 
@@ -242,3 +242,33 @@ def test_a_bad_monitor_threshold_is_a_usage_error_and_writes_nothing(
     assert words in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert outdir_files(out) == []
+
+
+@needs_torch
+def test_token_ids_of_varying_lengths_get_an_ids_summary(tmp_path: Path) -> None:
+    """The encoder's validation batches differ in sequence length: its token ids are one
+    ``ids`` feature over every id value, its embedding a row norm."""
+    import torch
+
+    from tests.build.models import tiny_encoder, token_batches
+
+    batches = token_batches()
+    staged = api.build_variants(
+        tiny_encoder(),
+        hw="raspberry-pi-5",
+        workdir=tmp_path,
+        quantize="dynamic",
+        example_inputs=(torch.from_numpy(batches[0]["ids"]),),
+        input_names=["ids"],
+        output_names=["embedding"],
+        dynamic_axes={"ids": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}},
+        validation=batches,
+    )
+    reference = staged.variants[0].monitoring
+    assert reference is not None, staged.variants[0].report.notes
+    assert monitoring.check_reference(reference) == reference
+    ids = reference["inputs"]["ids"]
+    assert (ids["kind"], ids["features"]) == ("ids", 1)
+    assert ids["max"] == [float(max(b["ids"].max() for b in batches))]
+    assert reference["rows"] == sum(b["ids"].size for b in batches)  # id values counted
+    assert reference["outputs"]["embedding"]["kind"] == "norm"
