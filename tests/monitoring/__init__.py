@@ -1,0 +1,1 @@
+"""Tests of edgepack.monitoring: detection power and false alarms on real models."""
