@@ -22,7 +22,7 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 
-from device_agent import health, names, safeload, selection, sigcheck, status
+from device_agent import health, monitorstore, names, safeload, selection, sigcheck, status
 from device_agent.config import AgentConfig
 from device_agent.errors import (
     ConfigError,
@@ -427,6 +427,11 @@ class Agent:
         )
         manifest = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in binfo.manifest]
         slots.install(staged, update.revision, manifest)
+        reference = binfo.metadata.get("monitoring")
+        if isinstance(reference, dict):
+            # Signed metadata, checked by the bundle reader; kept outside the revision's
+            # folder, so slots.verify never sees it (and pruning removes it with the revision).
+            monitorstore.save_reference(self.data, name, update.revision, reference)
         self.journal.enter(name, State.HEALTH_CHECKING)
         measured = health.check_revision_isolated(
             slots.revision_dir(update.revision),

@@ -144,6 +144,7 @@ def status(data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION)
     cfg = config_mod.load(data)
     # Before the first poll there is no status.json: describe what is installed.
     doc = status_mod.load(data) or status_mod.build(cfg, Journal.load(data), {}, stale=False)
+    doc = status_mod.refresh_monitoring(cfg, doc)
 
     def human() -> None:
         fresh = "stale (the repository could not be refreshed)" if doc.get("stale") else "fresh"
@@ -156,8 +157,34 @@ def status(data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION)
             typer.echo(
                 f"{name}: {m.get('revision') or 'nothing running'} ({', '.join(notes)}){err}"
             )
+            watch = m.get("monitoring")
+            if isinstance(watch, dict):
+                typer.echo(f"  monitoring: {_figures(watch)}")
+                if isinstance(watch.get("previous"), dict):
+                    typer.echo(
+                        f"  previous {watch['previous']['revision']}: {_figures(watch['previous'])}"
+                    )
+                for alert in watch.get("alerts") or []:
+                    typer.echo(
+                        f"  ALERT {alert.get('kind')}: {alert.get('value')} "
+                        f"(threshold {alert.get('threshold')})"
+                    )
 
     emit(doc, as_json, human)
+
+
+def _figures(watch: dict[str, Any]) -> str:
+    """One line of a revision's monitoring figures for ``status``."""
+    if watch.get("rows") is None:
+        return f"{watch.get('total_rows', 0)} inferences, no window scored yet"
+    confidence = watch.get("mean_confidence")
+    return (
+        f"{watch.get('total_rows', 0)} inferences; last window of {watch['rows']}: "
+        f"drift PSI {watch.get('drift_psi')}, worst feature PSI {watch.get('max_feature_psi')}, "
+        f"anomalies {watch.get('anomaly_rate')}"
+        + (f", mean confidence {confidence}" if confidence is not None else "")
+        + f", {len(watch.get('alerts') or [])} alerts"
+    )
 
 
 @app.command()
@@ -183,6 +210,7 @@ def check(
     data = config_mod.resolve_data_dir(data_dir)
     cfg = config_mod.load(data)
     doc = status_mod.load(data) or status_mod.build(cfg, Journal.load(data), {}, stale=False)
+    doc = status_mod.refresh_monitoring(cfg, doc)
     bound = max_stale if max_stale is not None else 3 * cfg.limits.poll_interval_s
     if bound < 0:
         raise InvalidInputError(f"--max-stale {bound:g} is negative")

@@ -63,6 +63,10 @@ class Limits:
     report_queue_max: int = 64
     report_timeout_s: float = 10.0
     report_interval_s: float = 900.0
+    # Model monitoring in the application: flush its counts to DATA/monitor every this
+    # many inferences or seconds, whichever comes first (and when the session closes).
+    monitor_flush_rows: int = 1000
+    monitor_flush_s: float = 60.0
 
 
 @dataclass
@@ -86,7 +90,28 @@ class AgentConfig:
     proxy: str = ""
     # The fleet service that takes this device's signed reports ("": no fleet, no reports).
     fleet_url: str = ""
+    # Model monitoring (docs/agent.md, "Monitoring"): on for every revision whose bundle
+    # carries a reference; the thresholds override the bundle's (0: the bundle's own).
+    monitoring: bool = True
+    monitor_drift_psi: float = 0.0
+    monitor_feature_psi: float = 0.0
+    monitor_anomaly_rate: float = 0.0
+    monitor_confidence_drop: float = 0.0
+    monitor_output_psi: float = 0.0
+    monitor_window: int = 0
     limits: Limits = field(default_factory=Limits)
+
+    def monitor_overrides(self) -> dict[str, float]:
+        """The device's monitoring thresholds that replace the bundle's (the non-zero ones)."""
+        fields = {
+            "drift_psi": self.monitor_drift_psi,
+            "feature_psi": self.monitor_feature_psi,
+            "anomaly_rate": self.monitor_anomaly_rate,
+            "confidence_drop": self.monitor_confidence_drop,
+            "output_psi": self.monitor_output_psi,
+            "window": float(self.monitor_window),
+        }
+        return {k: float(v) for k, v in fields.items() if v}
 
     @property
     def config_path(self) -> Path:
@@ -208,6 +233,8 @@ def _checked(cls: type[Any], raw: dict[str, Any], path: Path, prefix: str) -> di
                 value = float(value)
         elif kind == "str" and not isinstance(value, str):
             raise InvalidInputError(f"{where} must be a string")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise InvalidInputError(f"{where} must be true or false")
         checked[key] = value
     return checked
 

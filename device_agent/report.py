@@ -149,7 +149,9 @@ def _model(name: str, config: AgentConfig, entry: Mapping[str, Any], stale: bool
     )
     latencies = entry.get("health_latency_ms")
     latency = latencies.get(revision) if isinstance(latencies, dict) and revision else None
+    watch = _monitoring(entry.get("monitoring"), revision)
     return {
+        **({"monitoring": watch} if watch is not None else {}),
         "channel": config.channel,
         "revision": _text(revision),
         "version": _text(entry.get("version")),
@@ -163,6 +165,42 @@ def _model(name: str, config: AgentConfig, entry: Mapping[str, Any], stale: bool
         # Stale: the last poll could not read the repository, or none ever did.
         "stale": stale or not isinstance(entry.get("last_check"), int | float),
     }
+
+
+def _window(raw: object) -> dict[str, Any] | None:
+    """A revision's last scored monitoring window in the report's terms, or None."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("rows"), int):
+        return None
+    figures = [raw.get(k) for k in ("drift_psi", "max_feature_psi", "anomaly_rate")]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in figures):
+        return None
+    confidence = raw.get("mean_confidence")
+    kinds: list[str] = []
+    for alert in raw.get("alerts") or []:
+        kind = alert.get("kind") if isinstance(alert, dict) else None
+        if kind in fleetreport.ALERT_KINDS and kind not in kinds:
+            kinds.append(kind)
+    return {
+        "revision": _text(raw.get("revision")),
+        "rows": raw["rows"],
+        "drift_psi": figures[0],
+        "max_feature_psi": figures[1],
+        "anomaly_rate": figures[2],
+        "mean_confidence": confidence if isinstance(confidence, int | float) else None,
+        "alerts": kinds[: fleetreport.MAX_ALERTS],
+    }
+
+
+def _monitoring(raw: object, revision: object) -> dict[str, Any] | None:
+    """The ``monitoring`` entry of a model (with ``previous`` when that revision has
+    scored a window); None before the running revision has scored one."""
+    current = _window(raw)
+    if current is None or current["revision"] != revision or not isinstance(raw, dict):
+        return None
+    previous = _window(raw.get("previous"))
+    if previous is not None:
+        current["previous"] = previous
+    return current
 
 
 def content(

@@ -239,12 +239,15 @@ class Slots:
         _atomic.fsync_dir(self.root)
 
     def remove(self, revision: str) -> None:
-        """Delete a revision; refuses to delete the active one."""
+        """Delete a revision and its monitoring folder; refuses to delete the active one."""
         if revision == self.current():
             raise ValueError(f"refusing to remove the active revision {revision} of {self.name}")
         remove_tree(self.revision_dir(revision), inside=self.root)
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(revision).unlink()
+        from device_agent import monitorstore  # it builds on this module
+
+        monitorstore.remove_revision(self.data_dir, self.name, revision)
 
     def clean_temporaries(self) -> None:
         """Remove a left-over temporary symlink and the staging area."""

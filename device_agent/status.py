@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent import _atomic
+from device_agent import _atomic, monitorstore
 from device_agent.config import AgentConfig
 from device_agent.slots import Slots
 from device_agent.state import Journal
@@ -75,6 +75,7 @@ def build(
         entry.update(fresh)
         # Each installed revision's health-check latency, measured when it was installed.
         entry["health_latency_ms"] = {r: v for r, v in latencies.items() if r in entry["installed"]}
+        entry["monitoring"] = monitoring(config, journal, name, running)
         models[name] = entry
     return {
         "format": 1,
@@ -87,6 +88,37 @@ def build(
         else previous.get("last_poll"),
         "models": models,
     }
+
+
+def monitoring(
+    config: AgentConfig, journal: Journal, name: str, running: str | None
+) -> dict[str, Any] | None:
+    """The running revision's monitoring figures with the previous revision's beside them
+    (``previous``: the canary comparison), read from ``DATA/monitor``; None when the
+    running revision has no monitoring state yet."""
+    if not running:
+        return None
+    current = monitorstore.summary(config.data_dir, name, running)
+    if current is None:
+        return None
+    mj = journal.model(name)
+    before = mj.update.previous if mj.update and mj.update.revision == running else None
+    if before and before != running:
+        current["previous"] = monitorstore.summary(config.data_dir, name, before)
+    else:
+        current["previous"] = None
+    return current
+
+
+def refresh_monitoring(config: AgentConfig, document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with each model's monitoring read again from disk (the application
+    writes it between polls); cheap: a few small JSON files, no lock."""
+    journal = Journal.load(config.data_dir)
+    for name, entry in document.get("models", {}).items():
+        if name in config.models and isinstance(entry, dict):
+            running = Slots(config.data_dir, name).current()
+            entry["monitoring"] = monitoring(config, journal, name, running)
+    return document
 
 
 def _latencies(entry: dict[str, Any]) -> dict[str, float]:
@@ -129,7 +161,7 @@ def update(
 
 
 # Exit codes of `edgepack-agent check`, most severe first (docs/agent.md, "Exit codes").
-NO_REVISION, INSTALL_FAILED, CONFIRM_OVERDUE, STALE = 3, 4, 6, 7
+NO_REVISION, INSTALL_FAILED, CONFIRM_OVERDUE, STALE, MONITOR_ALERT = 3, 4, 6, 7, 8
 
 
 @dataclass(frozen=True)
@@ -149,8 +181,9 @@ def check(
     A model is unhealthy when it runs nothing (3), its last install was refused (4),
     its confirmation window has passed with no verdict and no rollback (6: the
     agent is not polling), or its last successful check is older than
-    ``max_stale_s`` or missing (7). A stale poll within the bound is not a problem:
-    the loop backs off and retries.
+    ``max_stale_s`` or missing (7), or the last scored monitoring window of its running
+    revision crossed a threshold (8: the model runs, the data it sees has moved). A
+    stale poll within the bound is not a problem: the loop backs off and retries.
     """
     problems: list[Problem] = []
     models = document.get("models", {})
@@ -182,7 +215,18 @@ def check(
                     f"last checked {now - last:.0f} s ago (bound {max_stale_s:g} s){error}",
                 )
             )
+        watch = m.get("monitoring")
+        alerts = watch.get("alerts") if isinstance(watch, dict) else None
+        if alerts and watch.get("revision") == m.get("revision"):
+            said = ", ".join(
+                f"{a.get('kind')} {a.get('value')} (threshold {a.get('threshold')})"
+                for a in alerts
+                if isinstance(a, dict)
+            )
+            problems.append(
+                Problem(name, MONITOR_ALERT, f"{m.get('revision')}: monitoring alert: {said}")
+            )
     return sorted(problems, key=lambda p: (_SEVERITY.index(p.code), p.model))
 
 
-_SEVERITY = (NO_REVISION, INSTALL_FAILED, CONFIRM_OVERDUE, STALE)
+_SEVERITY = (NO_REVISION, INSTALL_FAILED, CONFIRM_OVERDUE, STALE, MONITOR_ALERT)

@@ -1,0 +1,163 @@
+"""Where monitoring lives on disk, and its figures read back for status, check and report.
+
+``DATA/monitor/NAME/REVISION/reference.json`` is the verified bundle's ``monitoring``
+reference, written by the agent at install; ``state.json`` beside it holds the running
+counts the application's :class:`device_agent.monitor.MonitoredSession` flushes. One
+folder per revision, so a new revision's statistics never mix with an older one's, and
+the folder goes with the revision when it is pruned.
+
+Standard library only: the daemon reads summaries here and must not load numpy
+(tests/agent/test_footprint.py). ``state.json`` may be written by the application's
+user, so everything read from it is checked before it reaches a status or a signed
+report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from device_agent import _atomic
+from device_agent.slots import _folder_name, remove_tree
+from edgepack.fleetreport import ALERT_KINDS, MAX_ALERTS
+
+MONITOR_DIR = "monitor"
+REFERENCE_NAME = "reference.json"
+STATE_NAME = "state.json"
+STATE_FORMAT = 1
+MAX_STATE_BYTES = 4 * 1024 * 1024
+"""A larger state file is not read (the largest reference's counts take ~60 KB)."""
+# The folder is group-writable: an application in the agent's group, running as its own
+# user, flushes state.json into it; reference.json itself is read-only.
+FOLDER_MODE = 0o770
+REFERENCE_MODE = 0o440
+
+log = logging.getLogger(__name__)
+
+
+def model_dir(data_dir: Path, name: str) -> Path:
+    """``DATA/monitor/NAME``."""
+    return data_dir / MONITOR_DIR / _folder_name(name)
+
+
+def revision_dir(data_dir: Path, name: str, revision: str) -> Path:
+    """``DATA/monitor/NAME/REVISION``."""
+    return model_dir(data_dir, name) / _folder_name(revision)
+
+
+def save_reference(data_dir: Path, name: str, revision: str, reference: Mapping[str, Any]) -> None:
+    """Keep a verified bundle's monitoring reference for its revision (atomically).
+
+    A state left by an earlier install of the same revision folder is removed: its
+    counts belong to that install.
+    """
+    folder = revision_dir(data_dir, name, revision)
+    folder.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
+    with contextlib.suppress(OSError):
+        folder.chmod(FOLDER_MODE)  # mkdir's mode is cut by the umask
+    with contextlib.suppress(FileNotFoundError):
+        (folder / STATE_NAME).unlink()
+    body = json.dumps(dict(reference), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    _atomic.write_bytes(folder / REFERENCE_NAME, body.encode(), mode=REFERENCE_MODE)
+
+
+def remove_revision(data_dir: Path, name: str, revision: str) -> None:
+    """Remove a pruned revision's monitor folder; best effort (a report is not worth a poll)."""
+    try:
+        remove_tree(revision_dir(data_dir, name, revision), inside=model_dir(data_dir, name))
+    except OSError as exc:
+        log.warning("%s: could not remove the monitoring state of %s: %s", name, revision, exc)
+
+
+def load_reference(data_dir: Path, name: str, revision: str) -> dict[str, Any] | None:
+    """The reference kept for a revision, or None when its bundle carried none."""
+    raw = _read(revision_dir(data_dir, name, revision) / REFERENCE_NAME)
+    return raw if isinstance(raw, dict) else None
+
+
+def _read(path: Path) -> Any:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_STATE_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_STATE_BYTES:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _figure(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _alerts(raw: object) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for alert in raw if isinstance(raw, list) else []:
+        if not isinstance(alert, dict) or alert.get("kind") not in ALERT_KINDS:
+            continue
+        entry: dict[str, Any] = {"kind": alert["kind"]}
+        for key in ("value", "threshold"):
+            number = _figure(alert.get(key))
+            if number is not None:
+                entry[key] = round(number, 4)
+        if isinstance(alert.get("output"), str):
+            entry["output"] = alert["output"][:64]
+        out.append(entry)
+    return out[:MAX_ALERTS]
+
+
+def summary(data_dir: Path, name: str, revision: str) -> dict[str, Any] | None:
+    """The figures of a revision's monitoring, checked; None when it has no state yet.
+
+    ``rows`` and the scores are the last completed window's (null before the first
+    one); ``total_rows`` counts every inference since the revision was installed.
+    """
+    doc = _read(revision_dir(data_dir, name, revision) / STATE_NAME)
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        return None
+    if doc.get("revision") != revision:
+        return None
+    state = doc.get("state")
+    if not isinstance(state, dict):
+        return None
+    total = state.get("total_rows")
+    windows = state.get("windows")
+    out: dict[str, Any] = {
+        "revision": revision,
+        "total_rows": int(total) if isinstance(total, int) and total >= 0 else 0,
+        "windows": int(windows) if isinstance(windows, int) and windows >= 0 else 0,
+        "updated_at": _figure(doc.get("updated_at")),
+        "rows": None,
+        "drift_psi": None,
+        "max_feature_psi": None,
+        "anomaly_rate": None,
+        "mean_confidence": None,
+        "alerts": [],
+    }
+    last = state.get("last")
+    if isinstance(last, dict):
+        rows = last.get("rows")
+        out["rows"] = int(rows) if isinstance(rows, int) and rows >= 0 else None
+        for key in ("drift_psi", "max_feature_psi", "anomaly_rate"):
+            number = _figure(last.get(key))
+            out[key] = number if number is not None and number >= 0 else None
+        outputs = last.get("outputs")
+        for _, entry in sorted(outputs.items()) if isinstance(outputs, dict) else []:
+            mean = _figure(entry.get("mean_confidence")) if isinstance(entry, dict) else None
+            if mean is not None and mean >= 0:
+                out["mean_confidence"] = mean
+                break
+        out["alerts"] = _alerts(last.get("alerts"))
+    return out
