@@ -176,10 +176,10 @@ def status(data_dir: Path | None = DATA_DIR_OPTION, as_json: bool = JSON_OPTION)
 def _figures(watch: dict[str, Any]) -> str:
     """One line of a revision's monitoring figures for ``status``."""
     if watch.get("rows") is None:
-        return f"{watch.get('total_rows', 0)} inferences, no window scored yet"
+        return f"{watch.get('total_rows', 0)} rows monitored, no window scored yet"
     confidence = watch.get("mean_confidence")
     return (
-        f"{watch.get('total_rows', 0)} inferences; last window of {watch['rows']}: "
+        f"{watch.get('total_rows', 0)} rows monitored; last window of {watch['rows']}: "
         f"drift PSI {watch.get('drift_psi')}, worst feature PSI {watch.get('max_feature_psi')}, "
         f"anomalies {watch.get('anomaly_rate')}"
         + (f", mean confidence {confidence}" if confidence is not None else "")

@@ -3,9 +3,11 @@
 :class:`MonitoredSession` wraps an onnxruntime ``InferenceSession`` (everything but
 ``run`` is delegated unchanged). ``run`` asks onnxruntime for the outputs the caller
 named plus those the reference monitors, returns only what the caller asked for, and
-folds the batch into an :class:`edgepack.monitoring.Monitor`. The counts are flushed
-to ``DATA/monitor/NAME/REVISION/state.json`` atomically every ``monitor_flush_rows``
-inferences or ``monitor_flush_s`` seconds and when the session closes (``close()``,
+folds the batch into an :class:`edgepack.monitoring.Monitor` — for the calls its
+sampler takes (it keeps its cost under a share of the measured inference time; a call
+it skips is the plain run). The counts are flushed to
+``DATA/monitor/NAME/REVISION/state.json`` atomically every ``monitor_flush_rows``
+monitored inferences or ``monitor_flush_s`` seconds and when the session closes (``close()``,
 a ``with`` block, or interpreter exit), and taken back by the next
 :func:`device_agent.open_session`, so statistics survive restarts.
 
@@ -97,20 +99,34 @@ class MonitoredSession:
         run_options: Any = None,
     ) -> list[Any]:
         """``InferenceSession.run``, with the inputs and outputs folded into the monitor."""
+        with self._lock:
+            skipped = self._skips()
+        if skipped:  # the sampler passes this call by: the plain run, nothing more
+            return list(self._session.run(output_names, input_feed, run_options))
         all_names = [o.name for o in self._session.get_outputs()]
         wanted = list(output_names) if output_names else all_names
         extra = [n for n in all_names if n in self._monitored_outputs and n not in wanted]
+        start = time.perf_counter()
         results = self._session.run(wanted + extra, input_feed, run_options)
+        seconds = time.perf_counter() - start
         try:
-            self._observe(input_feed, dict(zip(wanted + extra, results, strict=True)))
+            self._observe(input_feed, dict(zip(wanted + extra, results, strict=True)), seconds)
         except Exception as exc:  # monitoring must never cost the application its answer
             self._fail_once("could not fold an inference into the statistics", exc)
         return list(results[: len(wanted)])
 
-    def _observe(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+    def _skips(self) -> bool:
+        try:
+            return bool(self.monitor.skips())
+        except Exception:  # a sampler fault: take the call
+            return False
+
+    def _observe(
+        self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], seconds: float
+    ) -> None:
         rows = max((len(v) for v in inputs.values() if getattr(v, "ndim", 0)), default=1)
         with self._lock:
-            self.monitor.observe(inputs, outputs)
+            self.monitor.observe(inputs, outputs, seconds)
             self._unflushed += rows
             due = self._unflushed >= self._flush_rows or (
                 self._clock() - self._flushed_at >= self._flush_s

@@ -122,7 +122,8 @@ def summary(data_dir: Path, name: str, revision: str) -> dict[str, Any] | None:
     """The figures of a revision's monitoring, checked; None when it has no state yet.
 
     ``rows`` and the scores are the last completed window's (null before the first
-    one); ``total_rows`` counts every inference since the revision was installed.
+    one); ``total_rows`` counts the rows folded in since the revision was installed,
+    ``seen_calls`` every ``run`` call, sampled or not.
     """
     doc = _read(revision_dir(data_dir, name, revision) / STATE_NAME)
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
@@ -138,6 +139,7 @@ def summary(data_dir: Path, name: str, revision: str) -> dict[str, Any] | None:
         "revision": revision,
         "total_rows": int(total) if isinstance(total, int) and total >= 0 else 0,
         "windows": int(windows) if isinstance(windows, int) and windows >= 0 else 0,
+        "seen_calls": seen if isinstance(seen := state.get("seen_calls"), int) and seen >= 0 else 0,
         "updated_at": _figure(doc.get("updated_at")),
         "rows": None,
         "drift_psi": None,

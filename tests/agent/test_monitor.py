@@ -344,3 +344,18 @@ def test_pruning_a_revision_removes_its_monitor_folder(world: World, device: Pat
     poll(device)
     assert not monitorstore.revision_dir(device, MODEL, first).exists()
     assert monitorstore.revision_dir(device, MODEL, _running(device)).is_dir()
+
+
+def test_sampled_calls_answer_as_plain_ones_and_are_counted(device: Path) -> None:
+    """Over many small inferences the sampler skips calls: those are plain runs."""
+    session = device_agent.open_session(MODEL, device)
+    plain = device_agent.open_session(MODEL, device, monitor=False)
+    x = _rows(3000, seed=12)
+    for i in range(3000):
+        row = x[i : i + 1]
+        mine = session.run(["label"], {"X": row})
+        assert len(mine) == 1 and mine[0][0] == plain.run(["label"], {"X": row})[0][0]
+    session.close()
+    summary = monitorstore.summary(device, MODEL, _running(device))
+    assert summary is not None and summary["seen_calls"] == 3000
+    assert 0 < summary["total_rows"] <= 3000
