@@ -35,6 +35,17 @@ def _check_types(cfg: config.AgentConfig) -> None:
             ok = isinstance(value, list) and all(isinstance(m, str) for m in value)
         elif f.name in ("data_dir", "limits"):
             continue
+        elif isinstance(f.default, bool):  # monitoring
+            ok = isinstance(value, bool)
+        elif isinstance(f.default, int | float):  # the monitor_* thresholds
+            ok = (
+                not isinstance(value, bool)
+                and isinstance(
+                    value, type(f.default) if isinstance(f.default, int) else int | float
+                )
+                and math.isfinite(value)
+                and value >= 0
+            )
         else:
             ok = isinstance(value, str)
         if not ok:
