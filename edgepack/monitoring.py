@@ -68,9 +68,9 @@ BUFFER_ROWS = 64
 """Rows buffered before one vectorised fold (a per-call fold costs more than a small inference)."""
 BUFFER_VALUES = 64 * 1024
 """An input or output with more values per row than this ÷ BUFFER_ROWS is folded per call."""
-OVERHEAD_BUDGET = 0.03
+OVERHEAD_BUDGET = 0.02
 """The share of inference time the monitor's own measured work may take when sampling.
-Below the issue's 5 % goal: the skipped calls' counter and the timing cost something too."""
+Below the issue's 5 % goal: a skipped call's counter costs about 0.2 µs, 2 % of the digits MLP."""
 ADAPT_EVERY = 256
 """Taken calls between two updates of the sampling stride (spans several buffer folds)."""
 MAX_STRIDE = 1024

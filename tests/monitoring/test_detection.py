@@ -179,3 +179,37 @@ def test_encoder_unshifted_no_alert_over_10000(encoder: tuple[Any, dict[str, Any
     scored = list(windows(Monitor(reference), ids, outputs, "ids"))
     assert len(scored) == 10_000 // WINDOW
     assert [s["alerts"] for s in scored if s["alerts"]] == []
+
+
+def test_sampler_takes_fewer_calls_when_inference_is_cheap(digits: Digits) -> None:
+    """Told each inference took 1 µs, the monitor samples; every call is still counted."""
+    rows = digits.bootstrap(20_000, seed=13)
+    outputs = digits.outputs(rows)
+    monitor = Monitor(digits.reference, seed=0)
+    for i in range(len(rows)):
+        if not monitor.skips():
+            monitor.observe(
+                {"input": rows[i : i + 1]}, {k: v[i : i + 1] for k, v in outputs.items()}, 1e-6
+            )
+    assert monitor.stride > 1
+    assert monitor.seen_calls == 20_000
+    assert monitor.total_rows < 20_000 // 2
+    unsampled = Monitor(digits.reference)  # no time given: every call is folded
+    for i in range(1000):
+        unsampled.observe({"input": rows[i : i + 1]}, {k: v[i : i + 1] for k, v in outputs.items()})
+    assert unsampled.stride == 1 and unsampled.total_rows == 1000
+
+
+def test_nan_and_inf_are_anomalies_and_never_poison_the_scores(digits: Digits) -> None:
+    rows = digits.bootstrap(WINDOW, seed=14)
+    outputs = digits.outputs(rows)
+    bad = rows.copy()
+    bad[:50, 5] = np.nan
+    bad[50:100, 9] = np.inf
+    monitor = Monitor(digits.reference)
+    scored = monitor.observe({"input": bad}, outputs)
+    assert scored is not None
+    assert scored["anomaly_rate"] >= 0.2
+    assert all(math.isfinite(v) for v in (scored["drift_psi"], scored["max_feature_psi"]))
+    clean = monitor.observe({"input": rows}, outputs)
+    assert clean is not None and clean["alerts"] == []
