@@ -87,7 +87,9 @@ MONITORING_KEYS = {
 (docs/monitoring.md); ``previous`` (optional, same keys but itself) is the revision that
 ran before it on this device, for a canary comparison."""
 MAX_ALERTS = 8
-ALERT_KINDS = frozenset({"drift", "feature-drift", "anomalies", "confidence", "output-drift"})
+ALERT_KINDS = frozenset(
+    {"drift", "feature-drift", "anomalies", "confidence", "output-drift", "canary"}
+)
 RECORD_KEYS = {
     "format",
     "format_version",
