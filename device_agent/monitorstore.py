@@ -163,3 +163,153 @@ def summary(data_dir: Path, name: str, revision: str) -> dict[str, Any] | None:
                 break
         out["alerts"] = _alerts(last.get("alerts"))
     return out
+
+
+CANARY_DEFAULTS = {"window": 500.0, "output_psi": 0.25, "confidence_drop": 0.1}
+"""The producer defaults of the thresholds the canary uses, for a reference that lacks
+one (edgepack.monitoring.DEFAULT_THRESHOLDS, which this module may not import)."""
+_SMOOTH = 0.5  # edgepack.monitoring's additive smoothing
+
+
+def _psi(observed: list[int], expected: list[float], ref_rows: int) -> float:
+    """The smoothed PSI of counts against reference shares, as edgepack.monitoring.psi."""
+    bins, n = len(observed), sum(observed)
+    total = 0.0
+    for count, share in zip(observed, expected, strict=True):
+        p = (count + _SMOOTH) / (n + _SMOOTH * bins)
+        q = (share * ref_rows + _SMOOTH) / (ref_rows + _SMOOTH * bins)
+        total += (p - q) * math.log(p / q)
+    return total
+
+
+def _counts(raw: object, length: int) -> list[int] | None:
+    if not isinstance(raw, list) or len(raw) != length:
+        return None
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in raw):
+        return None
+    return list(raw)
+
+
+def _shares(block: Mapping[str, Any]) -> dict[int, float] | None:
+    """A ``classes`` output block's class → share, checked; None when malformed."""
+    classes, probs = block.get("classes"), block.get("probs")
+    if not isinstance(classes, list) or not isinstance(probs, list) or len(classes) != len(probs):
+        return None
+    shares: dict[int, float] = {}
+    for c, p in zip(classes, probs, strict=True):
+        share = _figure(p)
+        if isinstance(c, bool) or not isinstance(c, int) or share is None or share < 0:
+            return None
+        shares[c] = share
+    return shares
+
+
+def canary(
+    data_dir: Path,
+    name: str,
+    revision: str,
+    previous: str,
+    overrides: Mapping[str, float] | None = None,
+) -> dict[str, Any] | None:
+    """The running revision's outputs since its install against the PREVIOUS revision's
+    reference: the canary comparison that catches a revision which passes its own
+    golden check yet predicts differently (a poisoned retraining), which the drift
+    scores, measured against the revision's own reference, cannot see.
+
+    For each ``classes`` output both references have, the PSI of the predicted-class
+    counts (``total_classes`` in ``state.json``) against the previous reference's class
+    shares, over the union of both class lists plus one bin for the classes neither
+    lists (a class the running reference does not list is counted there); for a
+    single confidence output both have, the mean confidence since install minus the
+    previous reference's mean. A comparison is made only over at least ``window`` rows;
+    over ``output_psi`` or below ``-confidence_drop`` it is a ``canary`` alert. None
+    when either reference or the running state is missing.
+    """
+    ref, before = load_reference(data_dir, name, revision), load_reference(data_dir, name, previous)
+    doc = _read(revision_dir(data_dir, name, revision) / STATE_NAME)
+    if ref is None or before is None or not isinstance(doc, dict):
+        return None
+    state = doc.get("state")
+    if doc.get("format") != STATE_FORMAT or doc.get("revision") != revision:
+        return None
+    if not isinstance(state, dict):
+        return None
+    outputs, prev_outputs = ref.get("outputs"), before.get("outputs")
+    ref_rows = before.get("rows")
+    if not isinstance(outputs, dict) or not isinstance(prev_outputs, dict):
+        return None
+    if isinstance(ref_rows, bool) or not isinstance(ref_rows, int) or ref_rows < 1:
+        return None
+    own = ref.get("thresholds")
+    thresholds = dict(CANARY_DEFAULTS)
+    for key in CANARY_DEFAULTS:
+        for source in (own if isinstance(own, dict) else {}, overrides or {}):
+            number = _figure(source.get(key))
+            if number is not None and number > 0:
+                thresholds[key] = number
+    window = max(1, int(thresholds["window"]))
+    where = f"against {previous}'s reference"
+    out: dict[str, Any] = {
+        "previous": previous,
+        "class_psi": {},
+        "confidence_shift": None,
+        "alerts": [],
+    }
+    totals = state.get("total_classes")
+    for output, block in sorted(outputs.items()):
+        prev_block = prev_outputs.get(output)
+        if not isinstance(block, dict) or not isinstance(prev_block, dict):
+            continue
+        if block.get("kind") != "classes" or prev_block.get("kind") != "classes":
+            continue
+        mine, theirs = _shares(block), _shares(prev_block)
+        counted = _counts(
+            totals.get(output) if isinstance(totals, dict) else None, len(mine or {}) + 1
+        )
+        if mine is None or theirs is None or counted is None or sum(counted) < window:
+            continue
+        by_class = dict(zip(mine, counted, strict=False))
+        labels = sorted(set(mine) | set(theirs))
+        observed = [by_class.get(c, 0) for c in labels] + [counted[-1]]
+        expected = [theirs.get(c, 0.0) for c in labels] + [max(0.0, 1.0 - sum(theirs.values()))]
+        value = round(_psi(observed, expected, ref_rows), 4)
+        out["class_psi"][output] = value
+        if value > thresholds["output_psi"]:
+            out["alerts"].append(
+                {
+                    "kind": "canary",
+                    "output": output[:64],
+                    "value": value,
+                    "threshold": thresholds["output_psi"],
+                    "detail": f"predicted-class mix PSI {value} {where}",
+                }
+            )
+    confident = [
+        o for o, b in outputs.items() if isinstance(b, dict) and b.get("kind") == "confidence"
+    ]
+    rows, summed = state.get("total_rows"), _figure(state.get("total_confidence"))
+    prev_block = prev_outputs.get(confident[0]) if len(confident) == 1 else None
+    prev_mean = _figure(prev_block.get("mean")) if isinstance(prev_block, dict) else None
+    if (
+        isinstance(prev_block, dict)
+        and prev_block.get("kind") == "confidence"
+        and prev_mean is not None
+        and isinstance(rows, int)
+        and not isinstance(rows, bool)
+        and rows >= window
+        and summed is not None
+    ):
+        mean = summed / rows
+        shift = round(mean - prev_mean, 4)
+        out["confidence_shift"] = shift
+        if -shift > thresholds["confidence_drop"]:
+            out["alerts"].append(
+                {
+                    "kind": "canary",
+                    "output": confident[0][:64],
+                    "value": shift,
+                    "threshold": -thresholds["confidence_drop"],
+                    "detail": f"mean confidence {mean:.4f} {where} {prev_mean:.4f}",
+                }
+            )
+    return out

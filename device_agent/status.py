@@ -94,8 +94,13 @@ def monitoring(
     config: AgentConfig, journal: Journal, name: str, running: str | None
 ) -> dict[str, Any] | None:
     """The running revision's monitoring figures with the previous revision's beside them
-    (``previous``: the canary comparison), read from ``DATA/monitor``; None when the
-    running revision has no monitoring state yet."""
+    (``previous``), read from ``DATA/monitor``; None when the running revision has no
+    monitoring state yet.
+
+    ``canary`` compares the running revision's outputs with the previous revision's
+    reference (:func:`device_agent.monitorstore.canary`); its alerts join ``alerts``,
+    so a revision that predicts unlike the one before it makes ``check`` exit 8.
+    """
     if not running:
         return None
     current = monitorstore.summary(config.data_dir, name, running)
@@ -103,10 +108,15 @@ def monitoring(
         return None
     mj = journal.model(name)
     before = mj.update.previous if mj.update and mj.update.revision == running else None
+    current["previous"] = current["canary"] = None
     if before and before != running:
         current["previous"] = monitorstore.summary(config.data_dir, name, before)
-    else:
-        current["previous"] = None
+        comparison = monitorstore.canary(
+            config.data_dir, name, running, before, config.monitor_overrides()
+        )
+        if comparison is not None:
+            current["canary"] = comparison
+            current["alerts"] = [*current["alerts"], *comparison["alerts"]]
     return current
 
 
@@ -220,6 +230,7 @@ def check(
         if alerts and watch.get("revision") == m.get("revision"):
             said = ", ".join(
                 f"{a.get('kind')} {a.get('value')} (threshold {a.get('threshold')})"
+                + (f": {a['detail']}" if a.get("detail") else "")
                 for a in alerts
                 if isinstance(a, dict)
             )

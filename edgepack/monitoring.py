@@ -359,8 +359,8 @@ class Monitor:
     measured cost under ``budget`` × the inference time. A window then spans about
     ``window × stride`` inferences; ``stride`` stays 1 while no time is given.
 
-    ``total_rows`` and ``total_confidence`` run over the folded rows since the revision
-    was installed (the canary comparison's figures); ``seen_calls`` counts every call,
+    ``total_rows``, ``total_confidence`` and ``total_classes`` run over the folded rows
+    since the revision was installed (the canary comparison's figures); ``seen_calls`` counts every call,
     sampled or not. :meth:`to_dict` / :meth:`restore` carry the state across
     restarts; it holds counts and sums only, never a value of an input.
     """
@@ -406,6 +406,11 @@ class Monitor:
             if b["kind"] == "classes"
         }
         self._streams = [*self._inputs, *self._outputs, *self._classes]
+        self.total_classes = {
+            n: np.zeros(len(c) + 1, dtype=np.int64) for n, c in self._classes.items()
+        }
+        """Predicted-class counts since the revision was installed (never reset by a
+        window): the canary compares this mix with the previous revision's reference."""
         self._buffers: dict[str, np.ndarray] = {}
         self._plan: list[tuple[str, bool, np.ndarray, int]] = []
         self._pending = 0
@@ -623,7 +628,9 @@ class Monitor:
             pos = np.searchsorted(classes, values)
             known = (pos < len(classes)) & (classes[np.minimum(pos, len(classes) - 1)] == values)
             index = np.where(known, pos, len(classes))
-            self.class_counts[name] += np.bincount(index, minlength=len(classes) + 1)
+            counted = np.bincount(index, minlength=len(classes) + 1)
+            self.class_counts[name] += counted
+            self.total_classes[name] += counted
         self.rows += rows
         self.total_rows += rows
         self.anomalous_rows += int(anomalous.sum())
@@ -728,6 +735,7 @@ class Monitor:
             "inputs": {n: c.tolist() for n, c in self.in_counts.items()},
             "outputs": {n: c.tolist() for n, c in self.out_counts.items()},
             "classes": {n: c.tolist() for n, c in self.class_counts.items()},
+            "total_classes": {n: c.tolist() for n, c in self.total_classes.items()},
         }
 
     def restore(self, state: Mapping[str, Any]) -> bool:
@@ -742,10 +750,17 @@ class Monitor:
             class_counts = {
                 n: np.asarray(state["classes"][n], dtype=np.int64) for n in self.class_counts
             }
+            # A state flushed before the counts since install were kept starts them at 0.
+            kept = state.get("total_classes") or {}
+            total_classes = {
+                n: np.asarray(kept[n], dtype=np.int64) if n in kept else np.zeros_like(c)
+                for n, c in self.total_classes.items()
+            }
             for new, old in (
                 (in_counts, self.in_counts),
                 (out_counts, self.out_counts),
                 (class_counts, self.class_counts),
+                (total_classes, self.total_classes),
             ):
                 for n, arr in new.items():
                     if arr.shape != old[n].shape or (arr < 0).any():
@@ -769,6 +784,7 @@ class Monitor:
             return False
         self._pending = 0
         self.in_counts, self.out_counts, self.class_counts = in_counts, out_counts, class_counts
+        self.total_classes = total_classes
         self.rows, self.anomalous_rows, self.confidence_sum = rows, anomalous, confidence
         self.total_rows, self.total_confidence, self.windows = totals
         self.stride = min(MAX_STRIDE, max(1, stride))
