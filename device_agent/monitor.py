@@ -14,7 +14,7 @@ a ``with`` block, or interpreter exit), and taken back by the next
 Two promises: nothing of a raw input is ever written (the state is bin counts and sums),
 and monitoring never breaks inference — an error in it is logged once and the answer
 is returned all the same; a folder the application cannot write leaves monitoring
-in memory; an unreadable state starts afresh.
+in memory; an unreadable, foreign or missing state starts afresh, and says so.
 """
 
 from __future__ import annotations
@@ -146,7 +146,14 @@ class MonitoredSession:
                 exc,
             )
             return
-        if raw is None:
+        if raw is None:  # a first session, or the file was deleted: say so either way
+            log.info(
+                "%s %s: no monitoring state in %s (a first session, or it was deleted); "
+                "starting fresh",
+                self.name,
+                self.revision,
+                self.state_path.parent,
+            )
             return
         fits = (
             isinstance(raw, dict)

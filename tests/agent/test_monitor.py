@@ -359,3 +359,79 @@ def test_sampled_calls_answer_as_plain_ones_and_are_counted(device: Path) -> Non
     summary = monitorstore.summary(device, MODEL, _running(device))
     assert summary is not None and summary["seen_calls"] == 3000
     assert 0 < summary["total_rows"] <= 3000
+
+
+def test_a_deleted_state_file_starts_fresh_and_says_so(
+    device: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = monitorstore.revision_dir(device, MODEL, _running(device)) / monitorstore.STATE_NAME
+    with device_agent.open_session(MODEL, device) as session:
+        _feed(session, _rows(150, seed=13))
+    assert json.loads(state.read_text())["state"]["total_rows"] == 150
+    state.unlink()  # between two sessions: a clean-up, a full-disk repair, an operator
+    with caplog.at_level(logging.INFO, "device_agent.monitor"):
+        session = device_agent.open_session(MODEL, device)
+    assert session.monitor.total_rows == 0 and session.monitor.windows == 0
+    assert "no monitoring state" in caplog.text and "starting fresh" in caplog.text
+    _feed(session, _rows(50, seed=14))
+    session.close()
+    assert json.loads(state.read_text())["state"]["total_rows"] == 50
+
+
+def test_a_previous_revisions_state_never_counts_for_the_new_one(
+    world: World, device: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Even the old revision's state.json copied into the new folder is not taken up."""
+    first = _running(device)
+    with device_agent.open_session(MODEL, device) as session:
+        _feed(session, _rows(200, seed=15))
+    old_state = monitorstore.revision_dir(device, MODEL, first) / monitorstore.STATE_NAME
+    _publish(world, "2.0.0", 1.0)  # the same weights: identical reference shapes
+    assert poll(device).action == "installed"
+    second = _running(device)
+    new_state = monitorstore.revision_dir(device, MODEL, second) / monitorstore.STATE_NAME
+    shutil.copyfile(old_state, new_state)
+    assert monitorstore.summary(device, MODEL, second) is None  # not its revision's figures
+    with caplog.at_level(logging.WARNING, "device_agent.monitor"):
+        session = device_agent.open_session(MODEL, device)
+    assert session.monitor.total_rows == 0 and session.monitor.windows == 0
+    assert "does not fit" in caplog.text
+    _feed(session, _rows(100, seed=16))
+    session.close()
+    summary = monitorstore.summary(device, MODEL, second)
+    assert summary is not None and summary["total_rows"] == 100 and summary["windows"] == 0
+    before = monitorstore.summary(device, MODEL, first)
+    assert before is not None and before["total_rows"] == 200  # the old one's untouched
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((3, FEATURES), np.int64),
+        np.zeros((3, FEATURES), np.float64),
+        np.array([["a"] * FEATURES] * 3),
+    ],
+    ids=["int64", "float64", "str"],
+)
+def test_a_wrong_dtype_raises_onnxruntimes_error_and_leaves_the_counts_whole(
+    device: Path, bad: np.ndarray
+) -> None:
+    session = device_agent.open_session(MODEL, device)
+    plain = device_agent.open_session(MODEL, device, monitor=False)
+    with pytest.raises(Exception) as theirs:
+        plain.run(["label"], {"X": bad})
+    for _ in range(3):  # taken and (had the sampler grown a stride) skipped calls alike
+        with pytest.raises(type(theirs.value)) as mine:
+            session.run(["label"], {"X": bad})
+        assert str(mine.value) == str(theirs.value)
+    assert session.monitor.total_rows == 0 and session.monitor.anomalous_rows == 0
+    x = _rows(7, seed=17)
+    np.testing.assert_array_equal(
+        session.run(["label"], {"X": x})[0], plain.run(["label"], {"X": x})[0]
+    )
+    state = session.monitor.to_dict()
+    assert state["total_rows"] == 7 and state["anomalous_rows"] == 0
+    assert np.isfinite(state["confidence_sum"]) and state["confidence_sum"] > 0
+    scores = session.monitor.scores()
+    assert scores["anomaly_rate"] == 0 and np.isfinite(scores["drift_psi"])
+    session.close()
