@@ -69,6 +69,10 @@ class Limits:
     monitor_flush_s: float = 60.0
 
 
+AT_REST_MODES = ("encrypted", "plain")
+KEY_PROTECTIONS = ("file", "tpm")
+
+
 @dataclass
 class AgentConfig:
     """What enrolment decided: where the repository is, who this device is, what it follows."""
@@ -99,6 +103,14 @@ class AgentConfig:
     monitor_confidence_drop: float = 0.0
     monitor_output_psi: float = 0.0
     monitor_window: int = 0
+    # How installed revisions are kept (docs/agent.md, "Models at rest"): "encrypted"
+    # keeps the bundle's ciphertext and decrypts into memory when a model is loaded;
+    # "plain" writes the decrypted files, for applications that must open a path.
+    at_rest: str = "encrypted"
+    # What protects the device's keys at rest: "file" (files readable only by the agent's
+    # user, the storage key by its group), "tpm" (sealed by a TPM 2.0, tpm_tcti names it).
+    key_protection: str = "file"
+    tpm_tcti: str = ""
     limits: Limits = field(default_factory=Limits)
 
     def monitor_overrides(self) -> dict[str, float]:
@@ -189,6 +201,15 @@ def load(data_dir: Path) -> AgentConfig:
         )
     except TypeError as exc:
         raise InvalidInputError(f"{path}: {exc}", hint="remove or fix the unknown key") from None
+    if config.at_rest not in AT_REST_MODES:
+        raise InvalidInputError(
+            f"{path}: at_rest must be one of {', '.join(AT_REST_MODES)}, not {config.at_rest!r}"
+        )
+    if config.key_protection not in KEY_PROTECTIONS:
+        raise InvalidInputError(
+            f"{path}: key_protection must be one of {', '.join(KEY_PROTECTIONS)}, "
+            f"not {config.key_protection!r}"
+        )
     try:
         check_names(config.models, config.channel, config.cohort)
     except InvalidInputError as exc:

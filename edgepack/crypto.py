@@ -102,7 +102,7 @@ class StreamOpener:
         self._finished = False
 
     def open(
-        self, ciphertext: memoryview | bytes | bytearray, out: bytearray, *, last: bool
+        self, ciphertext: memoryview | bytes | bytearray, out: bytearray | memoryview, *, last: bool
     ) -> memoryview:
         """Open the next segment into ``out``; ``last`` must be true exactly for the final one."""
         if self._finished or len(ciphertext) < TAG_SIZE or self._index >= MAX_SEGMENTS:
