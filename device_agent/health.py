@@ -7,6 +7,10 @@ outputs pass when the fraction of equal elements reaches ``label_agreement``;
 latency is the median of repeated runs of case 0; memory is the resident-set
 growth while loading and running. Health checks are data, never code.
 
+A plain revision is checked by path (:func:`check_revision`); an encrypted one is
+decrypted into memory and checked there (:func:`check_files`, through
+``device_agent.memload``), so no plaintext reaches the disk.
+
 numpy and onnxruntime are imported only inside the check, which the agent runs in a
 child process (:func:`check_revision_isolated`): the daemon that imports this module
 holds neither (tests/agent/test_footprint.py).
@@ -15,15 +19,17 @@ holds neither (tests/agent/test_footprint.py).
 from __future__ import annotations
 
 import dataclasses
+import io
 import resource
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent import safeload
-from device_agent.errors import HealthCheckError
+from device_agent import memload, safeload
+from device_agent.errors import CorruptRevisionError, HealthCheckError, UnsafeModelError
 
 
 @dataclass
@@ -77,21 +83,78 @@ def check_revision(
     latency_runs: int = 5,
     budgets: dict[str, float] | None = None,
 ) -> HealthReport:
-    """Load the revision's model by path and replay its golden cases.
+    """Load a plain revision's model by path and replay its golden cases.
 
     ``budgets`` (latency_ms, memory_mb) are the device profile's; each applies
     when it is stricter than the bundle's. Without a
     health set the check still proves the model loads safely.
     Raises :class:`HealthCheckError` when any case or budget fails.
     """
-    import numpy as np
+
+    def golden(rel: str) -> Any:
+        import numpy as np
+
+        return np.load(safeload.check_location(revision_dir, rel), allow_pickle=False)
+
+    return _check(
+        lambda: safeload.open_session(revision_dir, model_relpath),
+        golden,
+        health,
+        latency_runs=latency_runs,
+        budgets=budgets,
+    )
+
+
+def check_files(
+    files: Mapping[str, memoryview],
+    model_rel: str,
+    health: dict[str, Any] | None,
+    *,
+    latency_runs: int = 5,
+    budgets: dict[str, float] | None = None,
+) -> HealthReport:
+    """:func:`check_revision` on a payload held in memory (an encrypted revision, decrypted).
+
+    The model loads through :func:`device_agent.memload.open_session_from_memory`
+    and the golden set is read from its buffer: nothing is read from or written
+    to disk. ``memory_mb`` counts what loading and running add, not the
+    decrypted payload already held.
+    """
+
+    def golden(rel: str) -> Any:
+        import numpy as np
+
+        view = files.get(rel)
+        if view is None:
+            raise UnsafeModelError(f"the health set {rel!r} is not in the revision's payload")
+        return np.load(io.BytesIO(bytes(view)), allow_pickle=False)
+
+    return _check(
+        lambda: memload.open_session_from_memory(files, model_rel),
+        golden,
+        health,
+        latency_runs=latency_runs,
+        budgets=budgets,
+    )
+
+
+def _check(
+    open_session: Callable[[], Any],
+    open_golden: Callable[[str], Any],
+    health: dict[str, Any] | None,
+    *,
+    latency_runs: int,
+    budgets: dict[str, float] | None,
+) -> HealthReport:
+    """The check itself, whatever holds the revision: load, replay, time, measure."""
+    import numpy  # noqa: F401 - loaded first, like onnxruntime
     import onnxruntime  # noqa: F401 - loaded first so its own size is not charged to the model
 
     rss_before = _rss_mb()
-    session = safeload.open_session(revision_dir, model_relpath)
+    session = open_session()
     if not health:
         return HealthReport(cases=0, latency_ms=0.0, memory_mb=max(0.0, _rss_mb() - rss_before))
-    golden_path = safeload.check_location(revision_dir, str(health.get("file", "")))
+    golden_file = open_golden(str(health.get("file", "")))
     tol = dict(health.get("tolerances") or {})
     # The stricter of the bundle's budget and the device profile's wins.
     limits = {k: float(v) for k, v in dict(health.get("budgets") or {}).items()}
@@ -100,7 +163,7 @@ def check_revision(
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     failures: list[str] = []
-    with np.load(golden_path, allow_pickle=False) as golden:
+    with golden_file as golden:
         cases = int(health.get("cases", 0))
         if cases < 1:
             raise HealthCheckError("the health set holds no cases")
@@ -143,6 +206,7 @@ def check_revision(
 
 _CHILD = "device_agent.health"
 _RESULT_PREFIX = "edgepack-health-result "
+_CORRUPT = "corrupt-revision"  # the result's error_kind when the encrypted revision is damaged
 
 
 def check_revision_isolated(
@@ -154,12 +218,18 @@ def check_revision_isolated(
     budgets: dict[str, float] | None = None,
     timeout_s: float = 300.0,
     memory_mb: int = 0,
+    content_key: bytes | None = None,
 ) -> HealthReport:
     """:func:`check_revision` in a child process, bounded by ``timeout_s`` and ``memory_mb``.
 
     ``memory_mb`` caps the child's address space (``RLIMIT_AS``; 0: no cap beyond
-    the machine's). Raises :class:`HealthCheckError` for every way the check can
-    fail, the cause in its message.
+    the machine's). With ``content_key``, ``revision_dir`` is an encrypted
+    revision: the child decrypts its ``bundle.epk`` into memory (every tag and
+    every signed digest checked) and runs :func:`check_files`; the key travels
+    hex-encoded in the request on the child's stdin, never in its argv or a file.
+    Raises :class:`CorruptRevisionError` when the encrypted revision is damaged,
+    and :class:`HealthCheckError` for every other way the check can fail, the
+    cause in its message.
     """
     import subprocess
 
@@ -173,6 +243,8 @@ def check_revision_isolated(
         "budgets": budgets,
         "memory_mb": memory_mb,
     }
+    if content_key is not None:
+        request["content_key"] = content_key.hex()
     try:
         result = _child.call(_CHILD, _RESULT_PREFIX, request, timeout_s)
     except subprocess.TimeoutExpired:
@@ -183,6 +255,8 @@ def check_revision_isolated(
         raise HealthCheckError(
             f"health check failed: the process running the model {exc.why}"
         ) from None
+    if result.get("error_kind") == _CORRUPT:
+        raise CorruptRevisionError(str(result["error"]), hint=result.get("hint"))
     if result.get("error"):
         raise HealthCheckError(str(result["error"]))
     return HealthReport(**result["report"])
@@ -199,14 +273,10 @@ def _child_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     result: dict[str, Any]
     try:
-        report = check_revision(
-            Path(request["revision_dir"]),
-            str(request["model_relpath"]),
-            request.get("health"),
-            latency_runs=int(request.get("latency_runs", 5)),
-            budgets=request.get("budgets"),
-        )
+        report = _child_check(request)
         result = {"report": dataclasses.asdict(report)}
+    except CorruptRevisionError as exc:
+        result = {"error": exc.message, "hint": exc.hint, "error_kind": _CORRUPT}
     except HealthCheckError as exc:
         result = {"error": str(exc)}
     except MemoryError:
@@ -218,6 +288,37 @@ def _child_main() -> None:
             f"({type(exc).__name__}: {detail})"
         }
     _child.answer(_RESULT_PREFIX, result)
+
+
+def _child_check(request: dict[str, Any]) -> HealthReport:
+    """The check a request asks for: on a plain revision, or on an encrypted one in memory."""
+    revision_dir = Path(request["revision_dir"])
+    model_relpath = str(request["model_relpath"])
+    latency_runs = int(request.get("latency_runs", 5))
+    key_hex = request.get("content_key")
+    if key_hex is None:
+        return check_revision(
+            revision_dir,
+            model_relpath,
+            request.get("health"),
+            latency_runs=latency_runs,
+            budgets=request.get("budgets"),
+        )
+    from device_agent import atrest
+
+    decrypted = atrest.decrypt_bundle(
+        revision_dir / atrest.BUNDLE_FILE, bytes.fromhex(str(key_hex)), check_digests=True
+    )
+    try:
+        return check_files(
+            decrypted.files,
+            model_relpath,
+            request.get("health"),
+            latency_runs=latency_runs,
+            budgets=request.get("budgets"),
+        )
+    finally:
+        decrypted.wipe()
 
 
 if __name__ == "__main__":

@@ -119,8 +119,32 @@ def _node_locations(buf: memoryview, start: int, end: int, depth: int) -> Iterat
             yield from _attribute_locations(buf, s, e, depth)
 
 
+def external_data_locations_in(buf: memoryview) -> list[str]:
+    """Every external-data ``location`` a serialized model names, read without ``onnx``.
+
+    The walk reaches every place onnxruntime reads a tensor from: graph and
+    subgraph initializers (sparse ones too), node attributes, local functions'
+    nodes and default attributes, and training graphs.
+    """
+    found: list[str] = []
+    for number, s, e in _fields(buf, 0, len(buf)):
+        if number == _MODEL_GRAPH:
+            found.extend(_graph_locations(buf, s, e, 0))
+        elif number == _MODEL_FUNCTIONS:
+            for fn, fs, fe in _fields(buf, s, e):
+                if fn == _FUNCTION_NODE:
+                    found.extend(_node_locations(buf, fs, fe, 0))
+                elif fn == _FUNCTION_ATTRIBUTE_PROTO:  # default values, read too
+                    found.extend(_attribute_locations(buf, fs, fe, 0))
+        elif number == _MODEL_TRAINING:
+            for tn, ts, te in _fields(buf, s, e):
+                if tn in (_TRAINING_INIT, _TRAINING_ALGO):
+                    found.extend(_graph_locations(buf, ts, te, 0))
+    return found
+
+
 def external_data_locations(model_path: Path) -> list[str]:
-    """Every external-data ``location`` a model file names, read without ``onnx``."""
+    """Every external-data ``location`` a model file names (:func:`external_data_locations_in`)."""
     with open(model_path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
@@ -128,21 +152,7 @@ def external_data_locations(model_path: Path) -> list[str]:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             buf = memoryview(mm)
             try:
-                found: list[str] = []
-                for number, s, e in _fields(buf, 0, len(buf)):
-                    if number == _MODEL_GRAPH:
-                        found.extend(_graph_locations(buf, s, e, 0))
-                    elif number == _MODEL_FUNCTIONS:
-                        for fn, fs, fe in _fields(buf, s, e):
-                            if fn == _FUNCTION_NODE:
-                                found.extend(_node_locations(buf, fs, fe, 0))
-                            elif fn == _FUNCTION_ATTRIBUTE_PROTO:  # default values, read too
-                                found.extend(_attribute_locations(buf, fs, fe, 0))
-                    elif number == _MODEL_TRAINING:
-                        for tn, ts, te in _fields(buf, s, e):
-                            if tn in (_TRAINING_INIT, _TRAINING_ALGO):
-                                found.extend(_graph_locations(buf, ts, te, 0))
-                return found
+                return external_data_locations_in(buf)
             finally:
                 buf.release()
 
