@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgepack.errors import EdgepackError, InvalidInputError, TransportError
+from edgepack.errors import EdgepackError, InvalidInputError, TransportError, VerificationError
 
 
 class AgentError(EdgepackError):
@@ -49,3 +49,8 @@ class CorruptRevisionError(AgentError):
     """An installed revision's files no longer match the manifest it was installed with."""
 
     exit_code = 4
+
+
+class EnvelopeError(VerificationError):
+    """A key envelope is not this device's for this release: another device or key,
+    another release or bundle (a replay), or it does not open."""

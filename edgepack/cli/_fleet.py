@@ -201,24 +201,77 @@ def register_command(
 def revoke_device_command(
     device_id: str = typer.Argument(..., metavar="DEVICE", help="The device id (dev-…)."),
     reason: str = typer.Option("", "--reason", help="Why (kept with the device)."),
-    db: str = DB_OPTION,
+    db: str | None = typer.Option(
+        None,
+        "--db",
+        metavar="URL",
+        envvar="EDGEPACK_FLEET_DB",
+        help="The fleet store: sqlite:///PATH (default ./fleet.db, unless only --repo is "
+        "given) or postgresql://USER@HOST:PORT/DB.",
+    ),
+    workdir: Path | None = typer.Option(
+        None,
+        "--repo",
+        metavar="WORKDIR",
+        help="Also record the revocation in this repository (keys/revoked.json): "
+        "`keys wrap` never wraps for the device again.",
+    ),
+    key: str | None = typer.Option(
+        None,
+        "--key",
+        metavar="KEY",
+        help="With --repo: the operators' key (default: WORKDIR/keys/operators.key).",
+    ),
+    passphrase_env: str | None = typer.Option(
+        None,
+        "--passphrase-env",
+        metavar="VAR",
+        help="With --repo: read key passphrases from this variable "
+        "(default EDGEPACK_PASSPHRASE, else a prompt).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Revoke a device: the service refuses its reports from now on (403)."""
-    store = _open(db)
-    try:
-        done = store.revoke(device_id, reason, time.time())
-    finally:
-        store.close()
-    if not done:
-        raise InvalidInputError(
-            f"{device_id} is not registered", hint="see `edgepack fleet devices`"
+    """Revoke a device: the service refuses its reports from now on (403).
+
+    With --repo the repository lists it as revoked too and withdraws its key envelopes,
+    so it cannot open releases wrapped from now on (it keeps running what it has). With
+    --repo and no --db, only the repository is changed.
+    """
+    from edgepack.envelope import check_device_id
+
+    if key is not None and workdir is None:
+        raise InvalidInputError("--key is the repository's operators' key", hint="add --repo")
+    if workdir is not None:
+        check_device_id(device_id)
+    data: dict[str, Any] = {"device_id": device_id, "revoked": True, "reason": reason}
+    lines: list[str] = []
+    if db is not None or workdir is None:
+        store = _open(db or "sqlite:///fleet.db")
+        try:
+            done = store.revoke(device_id, reason, time.time())
+        finally:
+            store.close()
+        if not done:
+            raise InvalidInputError(
+                f"{device_id} is not registered", hint="see `edgepack fleet devices`"
+            )
+        lines.append(f"revoked {device_id}")
+    if workdir is not None:
+        from edgepack.cli._repo import _passphrases
+        from edgepack.repo._envelopes import revoke_device
+
+        result = revoke_device(
+            workdir, device_id, reason=reason, passphrase=_passphrases(passphrase_env), key=key
         )
-    emit(
-        {"device_id": device_id, "revoked": True, "reason": reason},
-        as_json,
-        lambda: typer.echo(f"revoked {device_id}"),
-    )
+        data["repository"] = {"versions": result.versions, **result.summary}
+        withdrawn = len(result.summary["withdrawn"])
+        lines.append(
+            f"{device_id} was already listed as revoked in {workdir}"
+            if result.summary["already"]
+            else f"listed {device_id} as revoked in {workdir} (keys/revoked.json); "
+            f"withdrew {withdrawn} key envelope(s)"
+        )
+    emit(data, as_json, lambda: typer.echo("\n".join(lines)))
 
 
 @fleet_app.command("devices")

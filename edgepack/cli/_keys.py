@@ -130,4 +130,7 @@ def register(app: typer.Typer) -> None:
     rotate = getattr(_repo, "register_keys_rotate", None)
     if rotate is not None:
         rotate(keys_app)
+    from edgepack.cli import _envelopes
+
+    _envelopes.register(keys_app)
     app.add_typer(keys_app)

@@ -427,6 +427,9 @@ def rotate_key(
             if len(new_keys) != 1:
                 raise KeyFileError("the operators' role takes exactly one key")
             operators = deepcopy(store.role(OPERATORS))  # load while the old key is trusted
+            from edgepack.repo._envelopes import Rotation
+
+            envelopes = Rotation(store)  # the envelopes role follows the operators' key
             targets = deepcopy(store.role(TARGETS))
             delegations = targets.signed.delegations
             assert delegations is not None and delegations.roles is not None
@@ -434,6 +437,7 @@ def rotate_key(
                 delegations.keys.pop(keyid, None)
             delegations.keys[new_keys[0].keyid] = new_keys[0]
             delegations.roles[OPERATORS].keyids = [new_keys[0].keyid]
+            envelopes.apply(delegations, new_signers[0])
             store.stage(TARGETS, targets, store.signers(TARGETS))
             store.stage(OPERATORS, operators, new_signers)
         else:
