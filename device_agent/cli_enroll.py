@@ -61,6 +61,20 @@ def register(app: typer.Typer) -> None:
             "--fleet-url",
             help="The fleet service (http, https) that takes this device's signed reports.",
         ),
+        key_protection: str | None = typer.Option(
+            None,
+            "--key-protection",
+            metavar="file|tpm",
+            help="What protects the device's keys at rest: files readable by the agent only "
+            "(default), or sealed by the TPM 2.0 (see docs/agent.md, Keys at rest).",
+        ),
+        tpm_tcti: str | None = typer.Option(
+            None,
+            "--tpm-tcti",
+            metavar="TCTI",
+            help="How to reach the TPM (default device:/dev/tpmrm0), e.g. "
+            "swtpm:host=127.0.0.1,port=2321.",
+        ),
         passphrase_env: str | None = PASSPHRASE_ENV_OPTION,
         data_dir: Path | None = DATA_DIR_OPTION,
         as_json: bool = JSON_OPTION,
@@ -83,6 +97,8 @@ def register(app: typer.Typer) -> None:
             ca_file=ca_file,
             proxy=proxy,
             fleet_url=fleet_url,
+            key_protection=key_protection,
+            tpm_tcti=tpm_tcti,
         )
         data = {
             "device_id": result.device_id,

@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from device_agent import _atomic, tufclient
+from device_agent import _atomic, keyprotect, tufclient
 from device_agent import config as config_mod
 from device_agent.config import AgentConfig, Limits
 from edgepack import fleetreport, keys
@@ -199,7 +199,11 @@ def _open_given(path: Path | None, passphrase_env: str | None) -> _GivenKey | No
 
 
 def _recipient(
-    keys_dir: Path, given: _GivenKey | None, passphrase_env: str | None
+    keys_dir: Path,
+    given: _GivenKey | None,
+    passphrase_env: str | None,
+    protection: str = "file",
+    tcti: str = "",
 ) -> tuple[Path, Path, bytes]:
     """The recipient key the device decrypts with: (private key path, public key path,
     raw public bytes).
@@ -209,20 +213,24 @@ def _recipient(
     longer depends on a file outside DATA. Without: the device's own pair
     ``keys/device.key|.pub``, made on first use and kept; a ``device.pub`` that
     does not match ``device.key`` (left by an older enrolment) is written again.
+    With ``protection`` ``tpm`` the private key is kept only sealed by the TPM
+    (``keys/device.key.tpm`` or ``keys/recipient.key.tpm``; ``device_agent.keyprotect``).
     """
     if given is not None:
         private = given.private
         key_path = keys_dir / f"{RECIPIENT_STEM}.key"
         pub_path = keys_dir / f"{RECIPIENT_STEM}.pub"
-        keys.write_private_file(key_path, given.data)
+        key_path = keyprotect.store_recipient_key(
+            key_path, private, protection, tcti, file_bytes=given.data
+        )
     else:
         key_path = keys_dir / f"{KEY_STEM}.key"
         pub_path = keys_dir / f"{KEY_STEM}.pub"
-        if key_path.exists():
-            private = keys.load_recipient_private_key(key_path, passphrase_env)
-        else:
-            private = keys.generate_recipient_key()
-            keys.write_private_file(key_path, keys.private_pem(private, None))
+        private = (
+            keyprotect.existing_recipient_key(key_path, passphrase_env, tcti)
+            or keys.generate_recipient_key()
+        )
+        key_path = keyprotect.store_recipient_key(key_path, private, protection, tcti)
     pem = keys.public_pem(private.public_key())
     if not pub_path.is_file() or pub_path.read_bytes() != pem:
         keys.write_public_file(pub_path, pem)
@@ -329,6 +337,21 @@ def _architecture(cfg: AgentConfig) -> str:
     return machine_architecture()
 
 
+def _key_protection(data_dir: Path, protection: str | None, tcti: str | None) -> tuple[str, str]:
+    """The key protection and TCTI this enrolment uses (not given: the previous
+    enrolment's, else ``file``); with ``tpm`` the TPM must answer now, before anything
+    is written."""
+    previous = _previous(data_dir) if protection is None or tcti is None else None
+    if protection is None:
+        protection = previous.key_protection if previous else "file"
+    if tcti is None:
+        tcti = previous.tpm_tcti if previous else ""
+    keyprotect.check_protection(protection, tcti)
+    if protection == "tpm":
+        keyprotect.Tpm(tcti).check()
+    return protection, tcti
+
+
 def _write_record(
     keys_dir: Path, cfg: AgentConfig, identity: ed25519.Ed25519PrivateKey, recipient: bytes
 ) -> Path:
@@ -372,6 +395,8 @@ def enroll(
     ca_file: Path | None = None,
     proxy: str | None = None,
     fleet_url: str | None = None,
+    key_protection: str | None = None,
+    tpm_tcti: str | None = None,
 ) -> Enrolment:
     """Enrol this device; everything written stays inside ``data_dir``.
 
@@ -382,8 +407,9 @@ def enroll(
     Re-enrolling keeps the identity and device id, the hand-set ``[limits]``
     (unless ``limits`` is given) and the other settings of ``config.toml`` that
     enrolment does not set (``ca_file``, ``proxy`` and ``fleet_url`` too, unless
-    given); the enrolment record is written afresh each time. When the recipient key, trust policy, profile or
-    channel changes, the failure marks they may have caused are cleared, so the
+    given, and ``key_protection`` with ``tpm_tcti``); the enrolment record is written
+    afresh each time. When the recipient key, trust policy, profile or channel changes,
+    the failure marks they may have caused are cleared, so the
     next poll tries those releases again. It holds ``DATA/.lock``: a running
     poll finishes first (restart a running daemon afterwards; it read its
     configuration at start).
@@ -406,6 +432,7 @@ def enroll(
     transport = _transport(ca_file, proxy)  # a CA file or proxy the agent could not use
     if fleet_url is not None:
         transport["fleet_url"] = _fleet_url(fleet_url)
+    protection, tcti = _key_protection(data_dir, key_protection, tpm_tcti)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o750)  # the agent's user and the applications' group only
@@ -425,7 +452,11 @@ def enroll(
         keys_dir = data_dir / KEYS_DIR
         keys_dir.mkdir(mode=0o700, exist_ok=True)
         identity_key, identity_raw, identity_pub = _identity(keys_dir)
-        key_path, pub_path, recipient_raw = _recipient(keys_dir, given, passphrase_env)
+        key_path, pub_path, recipient_raw = _recipient(
+            keys_dir, given, passphrase_env, protection, tcti
+        )
+        if protection == "tpm" or keyprotect.has_storage_key(data_dir):
+            keyprotect.ensure_storage_key(data_dir, protection, tcti)  # sealed, or moved back
         settings: dict[str, Any] = {
             "metadata_url": metadata_url,
             "targets_url": targets_url,
@@ -435,6 +466,8 @@ def enroll(
             "profile": profile,
             "trust_policy": _trust(keys_dir, trust, trust_bytes),
             "recipient_key": str(key_path),
+            "key_protection": protection,
+            "tpm_tcti": tcti,
             **transport,
         }
         if previous is not None and previous.metadata_url:

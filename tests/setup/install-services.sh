@@ -3,9 +3,11 @@
 # loopback: nginx (a production web server in front of the repository), PostgreSQL (the
 # fleet store's production database: tests/pg.py runs its own initdb/pg_ctl cluster in
 # a temporary directory), Chromium (the headless browser the fleet dashboard's test
-# drives through Playwright), and the tools
+# drives through Playwright), the tools
 # tests/agent/test_packaging.py checks the systemd unit with (systemd-analyze,
-# systemd-sysusers, systemd-tmpfiles: Debian's systemd; no systemd needs to run). The
+# systemd-sysusers, systemd-tmpfiles: Debian's systemd; no systemd needs to run), and
+# the software TPM 2.0 tests/agent/test_keyprotect.py seals the device's keys with
+# (swtpm, swtpm_setup from swtpm-tools, and tpm2-tools, which the agent runs). The
 # tests start and stop their own nginx; the system one the package starts is stopped.
 # Idempotent: quiet when everything is present. Needs root or passwordless sudo;
 # without either it says in one line which tests will skip, and exits 0.
@@ -15,7 +17,7 @@ set -euo pipefail
 
 # tool:package for every program the tests start (EDGEPACK_SERVICES, space-separated,
 # replaces the list: the tests use it to exercise the skip path).
-read -r -a SERVICES <<<"${EDGEPACK_SERVICES:-nginx:nginx systemd-analyze:systemd initdb:postgresql chromium:chromium}"
+read -r -a SERVICES <<<"${EDGEPACK_SERVICES:-nginx:nginx systemd-analyze:systemd initdb:postgresql chromium:chromium swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createprimary:tpm2-tools}"
 
 if [ "${1:-}" = "--packages" ]; then
     for spec in "${SERVICES[@]}"; do echo "${spec#*:}"; done | sort -u
