@@ -24,6 +24,16 @@ def arm(spec: str) -> None:
     _NAME, _TARGET, _seen = name, int(count) if count.isdigit() else 0, 0
 
 
+_with_parent = False
+
+
+def kill_parent_too() -> None:
+    """In a child the agent waits on (the health check): a crash here is a power cut, so it
+    kills the agent that started the child as well as the child."""
+    global _with_parent
+    _with_parent = True
+
+
 def crashpoint(name: str) -> None:
     """Die here with SIGKILL when the harness asked for it."""
     global _seen  # one process-wide counter is the point
@@ -31,4 +41,6 @@ def crashpoint(name: str) -> None:
         return
     _seen += 1
     if _seen == _TARGET:
+        if _with_parent:
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -22,10 +23,23 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exc
 
-from device_agent import health, monitorstore, names, safeload, selection, sigcheck, status
+from device_agent import (
+    _atomic,
+    atrest,
+    health,
+    keyprotect,
+    monitorstore,
+    names,
+    safeload,
+    selection,
+    sigcheck,
+    status,
+)
+from device_agent._crashpoint import crashpoint
 from device_agent.config import AgentConfig
 from device_agent.errors import (
     ConfigError,
+    CorruptRevisionError,
     HealthCheckError,
     NoRevisionError,
     NoSpaceError,
@@ -35,10 +49,13 @@ from device_agent.fetcher import AgentFetcher
 from device_agent.outcome import Outcome, exit_code_of
 from device_agent.slots import Slots
 from device_agent.state import RECOVERY, Journal, Recovery, Revision, State, Update
+from device_agent.streamcheck import KeyProvider, NoKeyError, StreamCheck
 from device_agent.tufclient import TufClient
 from edgepack import bundle, versions
 from edgepack._version import __version__
+from edgepack.bundle.metadata import hpke_info
 from edgepack.channel import channel_target_path
+from edgepack.crypto import recipient_key_id, unwrap_key
 from edgepack.errors import (
     ConflictError,
     EdgepackError,
@@ -343,7 +360,13 @@ class Agent:
         credentials = self._credentials()
         try:
             self._install(client, name, update, info, credentials)
-        except (_ReleaseFailedError, HealthCheckError, VerificationError, InvalidInputError) as exc:
+        except (
+            _ReleaseFailedError,
+            HealthCheckError,
+            VerificationError,
+            InvalidInputError,
+            CorruptRevisionError,
+        ) as exc:
             if isinstance(exc, HealthCheckError | UnsafeModelError):
                 self._mark_failed(name, version, _describe(exc))  # the model: the whole release
             else:
@@ -362,12 +385,23 @@ class Agent:
     ) -> None:
         slots = Slots(self.data, name)
         mj = self.journal.model(name)
+        encrypted = self.config.at_rest == "encrypted"
+        unpacked = 0 if encrypted else update.length  # encrypted: the download is the revision
         bundle_path = client.bundle_path(update.sha256)
+        check: StreamCheck | None = None
         if not bundle_path.exists():
             part = client.downloads / f"{update.sha256}.part"
             have = part.stat().st_size if part.exists() else 0
-            self._check_space(update.length - have, update.length)
+            self._check_space(update.length - have, unpacked)
             self.journal.enter(name, State.DOWNLOADING, update=update)
+            custom = info.custom if isinstance(info.custom, dict) else {}
+            if "profile" in custom:  # the bundle's identity, signed by its team in TUF
+                profile = custom["profile"]
+                check = StreamCheck(
+                    self._key_provider(
+                        client, name, update, str(profile) if profile else None, credentials[0]
+                    )
+                )
             log.info(
                 "%s: downloading %s (%d bytes%s)",
                 name,
@@ -376,27 +410,31 @@ class Agent:
                 f", resuming at {have}" if have else "",
             )
             try:
-                bundle_path = client.download_bundle(info)
+                bundle_path = client.download_bundle(info, [check] if check else [])
             except tuf_exc.LengthOrHashMismatchError as exc:
                 raise tuf_exc.DownloadError(
                     f"{info.path}: {exc}; the download is discarded"
                 ) from exc
             log.info("%s: downloaded %s; its TUF length and hashes match", name, info.path)
         else:
-            self._check_space(0, update.length)
+            self._check_space(0, unpacked)
         self.journal.enter(name, State.VERIFYING, update=update)
         staged = slots.staging_dir(update.revision)
         slots.remove_staging(update.revision)
         staged.parent.mkdir(parents=True, exist_ok=True)
+        if check is not None and check.problem is not None:
+            # The bytes match TUF's hash, so the repository serves this very bundle.
+            raise VerificationError(f"{info.path}: {check.problem}")
         # The producer signature is checked in a child process (device_agent/sigcheck.py):
         # the verifier's ~25 MB of imports never stay in the daemon.
-        binfo = bundle.unpack(
-            bundle_path,
-            staged,
-            recipient_key=credentials[0],
-            policy=credentials[1],
-            verifier=sigcheck.verify_signature_isolated,
-        )
+        binfo = bundle.read_info(bundle_path)
+        bundle.check_signature(binfo, credentials[1], sigcheck.verify_signature_isolated)
+        if check is not None and check.content_key is not None:
+            content_key = check.content_key
+        else:
+            content_key = self._key_provider(client, name, update, binfo.profile, credentials[0])(
+                binfo.encryption
+            )
         if binfo.name != name or binfo.version != update.version:
             raise _ReleaseFailedError(
                 f"{info.path} holds {binfo.name} {binfo.version}, not {name} {update.version}"
@@ -421,11 +459,23 @@ class Agent:
             raise _ReleaseFailedError(f"needs edgepack-agent >= {needed} (this is {__version__})")
         model_rel = str((binfo.metadata.get("model") or {}).get("path", "model.onnx"))
         self.journal.enter(name, State.STAGING)
-        safeload.check_model(staged, model_rel)
+        if encrypted:
+            manifest = self._stage_encrypted(name, update, binfo, bundle_path, staged, content_key)
+        else:
+            bundle.unpack(
+                bundle_path,
+                staged,
+                recipient_key=content_key,
+                policy=credentials[1],
+                verifier=sigcheck.verify_signature_isolated,
+            )
+            safeload.check_model(staged, model_rel)
+            manifest = [
+                {"path": f.path, "size": f.size, "sha256": f.sha256} for f in binfo.manifest
+            ]
         mj.revisions[update.revision] = Revision(
             update.version, update.sha256, update.target, False, self.clock(), model_rel
         )
-        manifest = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in binfo.manifest]
         slots.install(staged, update.revision, manifest)
         reference = binfo.metadata.get("monitoring")
         if isinstance(reference, dict):
@@ -441,6 +491,7 @@ class Agent:
             budgets=self._profile_budgets(),
             timeout_s=self.config.limits.health_timeout_s,
             memory_mb=self.config.limits.health_memory_mb,
+            content_key=content_key if encrypted else None,
         )
         mj.revisions[update.revision].healthy = True
         self._facts.setdefault(name, {})["health_latency_ms"] = {
@@ -449,6 +500,80 @@ class Agent:
         log.info("%s: %s passed its health check", name, update.revision)
         self.journal.enter(name, State.SWITCHING)
         self._switch_and_commit(name, update.revision)
+
+    def _key_provider(
+        self,
+        client: TufClient,
+        name: str,
+        update: Update,
+        profile: str | None,
+        recipient: Any,
+    ) -> KeyProvider:
+        """How this device gets a release's content key: from the bundle's own recipient
+        list when its recipient key is there, else from its key envelope in the repository."""
+
+        def provide(header: Any) -> bytes:
+            info = hpke_info(name, update.version, profile, header)
+            key_id = recipient_key_id(recipient.public_key())
+            if any(r.key_id == key_id for r in header.recipients):
+                return unwrap_key(list(header.recipients), recipient, info)
+            from device_agent import envelopes
+
+            key = envelopes.fetch_content_key(
+                client,
+                device_id=self.config.device_id,
+                name=name,
+                version=update.version,
+                profile=profile,
+                bundle_sha256=update.sha256,
+                info=info,
+                recipient_key=recipient,
+            )
+            if key is None:
+                raise NoKeyError(
+                    f"{name} {update.version} is not encrypted for this device's key "
+                    f"(id {key_id}) and the repository holds no key envelope for "
+                    f"{self.config.device_id}: not yet published, or the device is revoked",
+                    hint="the current model keeps running; an operator can publish its "
+                    "envelope with `edgepack keys wrap`",
+                )
+            return key
+
+        return provide
+
+    def _stage_encrypted(
+        self,
+        name: str,
+        update: Update,
+        binfo: Any,
+        bundle_path: Path,
+        staged: Path,
+        content_key: bytes,
+    ) -> list[dict[str, object]]:
+        """Stage an encrypted revision: the verified download, linked (never copied), and
+        its content key sealed with the storage key. Returns the manifest kept beside it."""
+        storage_key = keyprotect.ensure_storage_key(
+            self.data, self.config.key_protection, self.config.tpm_tcti
+        )
+        sealed = atrest.seal_content_key(
+            storage_key,
+            content_key,
+            name=name,
+            revision=update.revision,
+            metadata_sha256=binfo.metadata_sha256,
+        )
+        staged.mkdir(mode=0o700)
+        _atomic.write_bytes(staged / atrest.KEY_FILE, sealed, mode=0o600)
+        os.link(bundle_path, staged / atrest.BUNDLE_FILE)
+        crashpoint("staged-link")
+        return [
+            {"path": atrest.BUNDLE_FILE, "size": binfo.size, "sha256": update.sha256},
+            {
+                "path": atrest.KEY_FILE,
+                "size": len(sealed),
+                "sha256": hashlib.sha256(sealed).hexdigest(),
+            },
+        ]
 
     def _scrub(self, name: str, revision: str) -> str | None:
         """Re-check the running revision's files against its signed manifest, at most

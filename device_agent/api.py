@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from device_agent import monitorstore, safeload
+from device_agent import atrest, keyprotect, monitorstore, safeload
 from device_agent.config import AgentConfig, Limits, resolve_data_dir
 from device_agent.config import load as load_config
-from device_agent.errors import CorruptRevisionError, NoRevisionError
+from device_agent.errors import CorruptRevisionError, EncryptedAtRestError, NoRevisionError
 from device_agent.slots import Slots
 from device_agent.state import Journal
 from edgepack.errors import EdgepackError
@@ -40,7 +40,10 @@ def _active_in(name: str, data: Path) -> tuple[Path, str, str]:
             f"no active revision of {name} in {data}",
             hint="wait for `edgepack-agent run` to install one, or check `edgepack-agent status`",
         )
-    problem = slots.verify(revision)
+    # An encrypted revision is checked as it is decrypted (every segment's tag, the sealed
+    # key bound to its metadata); hashing the whole bundle first would only repeat that.
+    encrypted = atrest.is_encrypted(slots.revision_dir(revision))
+    problem = None if encrypted else slots.verify(revision)
     if problem is not None:
         raise CorruptRevisionError(
             f"the active revision {revision} of {name} is damaged: {problem}",
@@ -51,8 +54,18 @@ def _active_in(name: str, data: Path) -> tuple[Path, str, str]:
 
 
 def active_model_path(name: str, data_dir: DataDir = None) -> Path:
-    """The path of the active model file of ``name``, after the safety checks."""
+    """The path of the active model file of ``name``, after the safety checks.
+
+    Only for revisions kept ``plain``: an encrypted revision has no plaintext file to
+    point at (:class:`EncryptedAtRestError`); load it with :func:`open_session`.
+    """
     revision_dir, model_rel = _active(name, data_dir)
+    if atrest.is_encrypted(revision_dir):
+        raise EncryptedAtRestError(
+            f"{name} is kept encrypted at rest, so it has no model file to open by path",
+            hint="load it with device_agent.open_session(), or enrol with `--at-rest plain` "
+            "for an application that must read a file",
+        )
     return safeload.check_model(revision_dir, model_rel)
 
 
@@ -74,7 +87,10 @@ def open_session(
     the same answers, with drift, anomaly and confidence statistics kept per revision."""
     data = resolve_data_dir(None if data_dir is None else Path(data_dir))
     revision_dir, model_rel, revision = _active_in(name, data)
-    session = safeload.open_session(revision_dir, model_rel, providers)
+    if atrest.is_encrypted(revision_dir):
+        session = _open_encrypted(data, name, revision, revision_dir, model_rel, providers)
+    else:
+        session = safeload.open_session(revision_dir, model_rel, providers)
     if monitor is False:
         return session
     settings = _settings(data)
@@ -100,6 +116,26 @@ def open_session(
     except Exception as exc:  # a reference that cannot be used must not stop inference
         log.warning("%s %s: monitoring is off for this session: %s", name, revision, exc)
         return session
+
+
+def _open_encrypted(
+    data: Path,
+    name: str,
+    revision: str,
+    revision_dir: Path,
+    model_rel: str,
+    providers: list[str] | None,
+) -> Any:
+    """Decrypt an encrypted revision into memory and load it from there.
+
+    The plaintext lives only in this process's memory (the session keeps it alive);
+    nothing is written to disk, not even a temporary file.
+    """
+    from device_agent import memload
+
+    storage_key = keyprotect.load_storage_key(data)
+    decrypted = atrest.open_revision(revision_dir, storage_key, name=name, revision=revision)
+    return memload.open_session_from_memory(decrypted.files, model_rel, providers)
 
 
 def _settings(data: Path) -> AgentConfig | None:

@@ -61,6 +61,12 @@ def register(app: typer.Typer) -> None:
             "--fleet-url",
             help="The fleet service (http, https) that takes this device's signed reports.",
         ),
+        at_rest: str | None = typer.Option(
+            None,
+            "--at-rest",
+            help="How installed models are kept: encrypted (default; decrypted into memory "
+            "by open_session) or plain (files an application can open by path).",
+        ),
         key_protection: str | None = typer.Option(
             None,
             "--key-protection",
@@ -99,6 +105,7 @@ def register(app: typer.Typer) -> None:
             fleet_url=fleet_url,
             key_protection=key_protection,
             tpm_tcti=tpm_tcti,
+            at_rest=at_rest,
         )
         data = {
             "device_id": result.device_id,

@@ -397,6 +397,7 @@ def enroll(
     fleet_url: str | None = None,
     key_protection: str | None = None,
     tpm_tcti: str | None = None,
+    at_rest: str | None = None,
 ) -> Enrolment:
     """Enrol this device; everything written stays inside ``data_dir``.
 
@@ -432,6 +433,12 @@ def enroll(
     transport = _transport(ca_file, proxy)  # a CA file or proxy the agent could not use
     if fleet_url is not None:
         transport["fleet_url"] = _fleet_url(fleet_url)
+    if at_rest is not None:
+        if at_rest not in config_mod.AT_REST_MODES:
+            raise InvalidInputError(
+                f"--at-rest must be one of {', '.join(config_mod.AT_REST_MODES)}, not {at_rest!r}"
+            )
+        transport["at_rest"] = at_rest
     protection, tcti = _key_protection(data_dir, key_protection, tpm_tcti)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

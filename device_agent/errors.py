@@ -51,6 +51,12 @@ class CorruptRevisionError(AgentError):
     exit_code = 4
 
 
+class EncryptedAtRestError(AgentError):
+    """The model is kept encrypted at rest: it has no plaintext file to hand out."""
+
+    exit_code = 3
+
+
 class EnvelopeError(VerificationError):
     """A key envelope is not this device's for this release: another device or key,
     another release or bundle (a replay), or it does not open."""

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -428,7 +428,12 @@ class AgentFetcher(FetcherInterface):
             yield temp_file
 
     def download_resumable(
-        self, url: str, part: Path, length: int, algorithms: tuple[str, ...] = ("sha256",)
+        self,
+        url: str,
+        part: Path,
+        length: int,
+        algorithms: tuple[str, ...] = ("sha256",),
+        observers: Sequence[Any] = (),
     ) -> dict[str, str]:
         """Download ``url`` into ``part``, continuing what an earlier run left there.
 
@@ -437,17 +442,21 @@ class AgentFetcher(FetcherInterface):
         past ``length`` bytes and with ``DownloadError`` when cut short.
         Returns the hex digests of the whole file, hashed as the bytes stream
         in (a resumed prefix is re-read once), so the caller can verify the
-        file without a second pass over it.
+        file without a second pass over it. ``observers`` (objects with an
+        ``update(bytes)``, like a hasher) see the same bytes in the same order,
+        the resumed prefix included.
         """
         part.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
         if have > length:
             part.unlink()
             have = 0
-        hashers = [hashlib.new(a) for a in algorithms]
+        hashers: list[Any] = [hashlib.new(a) for a in algorithms]
+        digests = hashers
+        hashers = [*hashers, *observers]
         if have == length:
             _hash_file(part, hashers)
-            return {a: h.hexdigest() for a, h in zip(algorithms, hashers, strict=True)}
+            return {a: h.hexdigest() for a, h in zip(algorithms, digests, strict=True)}
         try:
             start, chunks = self._open(url, have)
         except exceptions.DownloadError:
@@ -477,7 +486,7 @@ class AgentFetcher(FetcherInterface):
                     os.fsync(out.fileno())
         if total < length:
             raise exceptions.DownloadError(f"{url} ended after {total} of {length} bytes")
-        return {a: h.hexdigest() for a, h in zip(algorithms, hashers, strict=True)}
+        return {a: h.hexdigest() for a, h in zip(algorithms, digests, strict=True)}
 
 
 def _hash_file(path: Path, hashers: list[Any]) -> None:

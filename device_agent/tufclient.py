@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from tuf.api import exceptions
@@ -108,7 +110,7 @@ class TufClient:
         """Where a verified bundle is kept until it is installed."""
         return self.downloads / f"{sha256}.epk"
 
-    def download_bundle(self, info: TargetFile) -> Path:
+    def download_bundle(self, info: TargetFile, observers: Sequence[Any] = ()) -> Path:
         """Download (resuming) and verify a bundle; return the verified file's path.
 
         The partial file is ``DATA/downloads/<sha256>.part``; only after its
@@ -116,6 +118,8 @@ class TufClient:
         mismatch deletes the partial file (the next attempt starts over).
         A target without a sha256 is refused (a ``RepositoryError``, not a
         ``KeyError``): the agent names and records bundles by their sha256.
+        ``observers`` see every byte in order beside the hashes (the agent's
+        :class:`device_agent.streamcheck.StreamCheck`).
         """
         sha256 = info.hashes.get("sha256")
         if sha256 is None:
@@ -129,7 +133,7 @@ class TufClient:
         algorithms = tuple(sorted(info.hashes))
         try:
             got = self.fetcher.download_resumable(
-                self.target_url(info), part, info.length, algorithms
+                self.target_url(info), part, info.length, algorithms, observers
             )
         except ValueError as exc:  # an unknown hash algorithm in the metadata
             raise exceptions.RepositoryError(f"{info.path}: {exc}") from exc

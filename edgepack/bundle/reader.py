@@ -205,13 +205,15 @@ def unpack(
     path: Path,
     dest_dir: Path,
     *,
-    recipient_key: x25519.X25519PrivateKey,
+    recipient_key: x25519.X25519PrivateKey | bytes,
     policy: TrustPolicy,
     progress: Callable[[int], None] | None = None,
     verifier: SignatureVerifier = verify_signature,
 ) -> BundleInfo:
     """Verify and decrypt ``path`` into the new directory ``dest_dir``; remove it on any failure.
 
+    ``recipient_key`` is a recipient private key listed in the bundle, or the content
+    key itself (32 bytes, as a per-device key envelope delivers it).
     ``verifier`` checks the producer signature (see :data:`SignatureVerifier`).
     """
     info = read_info(path)
@@ -329,16 +331,19 @@ class _Sink:
 
 def _decrypt_stream(
     info: BundleInfo,
-    recipient_key: x25519.X25519PrivateKey,
+    recipient_key: x25519.X25519PrivateKey | bytes,
     dest: Path | None,
     progress: Callable[[int], None] | None,
 ) -> int:
     header = info.encryption
-    key = unwrap_key(
-        list(header.recipients),
-        recipient_key,
-        hpke_info(info.name, info.version, info.profile, header),
-    )
+    if isinstance(recipient_key, bytes):
+        key = recipient_key
+    else:
+        key = unwrap_key(
+            list(header.recipients),
+            recipient_key,
+            hpke_info(info.name, info.version, info.profile, header),
+        )
     opener = StreamOpener(key, header.nonce_prefix)
     seg = header.segment_size
     payload_size = sum(f.size for f in info.manifest)

@@ -214,15 +214,24 @@ class World:
             self.repo.promote(version, self.targets[version])
         return path
 
-    def enroll(self, data_dir: Path, limits: Limits | None = None, url: str | None = None) -> str:
+    def enroll(
+        self,
+        data_dir: Path,
+        limits: Limits | None = None,
+        url: str | None = None,
+        *,
+        at_rest: str | None = None,
+        recipient_key: Path | None = None,
+    ) -> str:
         result = enroll_mod.enroll(
             data_dir,
             repo_url=url or self.server.url,
             root=self.root_json,
             models=[MODEL],
             trust=self.producer_pub,
-            recipient_key=self.fleet_key_path,
+            recipient_key=recipient_key or self.fleet_key_path,
             limits=limits or fast_limits(),
+            at_rest=at_rest,
         )
         return result.device_id
 

@@ -29,6 +29,7 @@ from tuf.api._payload import (
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
+from edgepack import bundle
 from edgepack import channel as ch
 
 OPERATORS = "operators"
@@ -87,9 +88,13 @@ class TufRepo:
         (self.meta_dir / name).write_bytes(data)
         return data
 
-    def add_target(self, role: str, path: str, data: bytes) -> None:
+    def add_target(
+        self, role: str, path: str, data: bytes, custom: dict[str, Any] | None = None
+    ) -> None:
         """Store a target file (hash-prefixed name) and list it in ``role``."""
         tf = TargetFile.from_data(path, data, ["sha256"])
+        if custom is not None:
+            tf.unrecognized_fields["custom"] = custom
         digest = tf.hashes["sha256"]
         dest = self.targets_dir / Path(path).parent / f"{digest}.{Path(path).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +136,14 @@ class TufRepo:
     def add_bundle(self, path: Path, version: str, profile: str = "any") -> str:
         """Publish a bundle file as a team target; return its target path."""
         target = f"models/{self.model}/{path.name}"
-        self.add_target(TEAM, target, path.read_bytes())
+        info = bundle.read_info(path)
+        custom = {  # as edgepack's repository describes a bundle (repo/_models.describe_bundle)
+            "name": info.name,
+            "version": info.version,
+            "profile": info.profile,
+            "architectures": list(info.architectures),
+        }
+        self.add_target(TEAM, target, path.read_bytes(), custom)
         self.commit({TEAM})
         return target
 

@@ -10,6 +10,7 @@ milliseconds of start-up instead of a second.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import random
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from device_agent import atrest, keyprotect, open_session
 from device_agent.slots import Slots, remove_tree
 from device_agent.state import Journal, State
 from tests.agent import _crashchild
@@ -79,25 +81,53 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     full = time.monotonic() - start
     rev2 = str(Slots(ref, MODEL).current())
     digests = {
-        rev1: tree_digest(baseline / "models" / MODEL / rev1),
-        rev2: tree_digest(ref / "models" / MODEL / rev2),
+        rev1: revision_digest(baseline / "models" / MODEL / rev1),
+        rev2: revision_digest(ref / "models" / MODEL / rev2),
     }
     yield Bench(world, root, baseline, rev1, rev2, digests, full)
     world.server.stop()
 
 
+def revision_digest(path: Path) -> str:
+    """What must not change in an installed revision: an encrypted one's bundle (its
+    sealed key differs per device: a fresh nonce), a plain one's every file."""
+    if atrest.is_encrypted(path):
+        return hashlib.sha256((path / atrest.BUNDLE_FILE).read_bytes()).hexdigest()
+    return tree_digest(path)
+
+
+def decrypts_and_verifies(data: Path, revision: str) -> None:
+    """An encrypted revision's key unseals and its payload decrypts and matches its digests."""
+    path = Slots(data, MODEL).revision_dir(revision)
+    if atrest.is_encrypted(path):
+        atrest.open_revision(
+            path,
+            keyprotect.load_storage_key(data),
+            name=MODEL,
+            revision=revision,
+            check_digests=True,
+        ).wipe()
+
+
 def check_invariants(bench: Bench, data: Path, watch: Path) -> str:
-    """The invariants that must hold at every instant; returns the active revision."""
+    """The invariants that must hold at every instant; returns the active revision.
+
+    ``current`` resolves to a revision that decrypts, verifies and loads; the
+    previous revision is intact."""
     slots = Slots(data, MODEL)
     active = slots.current()
     assert active in (bench.rev1, bench.rev2), f"current -> {active!r}"
-    assert tree_digest(slots.revision_dir(active)) == bench.digests[active], (
+    assert revision_digest(slots.revision_dir(active)) == bench.digests[active], (
         "active revision altered"
     )
+    decrypts_and_verifies(data, active)
+    session = open_session(MODEL, data_dir=data, monitor=False)
+    assert session.get_inputs()[0].name == "X"
     rev1_dir = slots.revision_dir(bench.rev1)
-    assert rev1_dir.is_dir() and tree_digest(rev1_dir) == bench.digests[bench.rev1], (
+    assert rev1_dir.is_dir() and revision_digest(rev1_dir) == bench.digests[bench.rev1], (
         "previous revision lost"
     )
+    decrypts_and_verifies(data, bench.rev1)
     for sub in ("cwd", "tmp", "home"):
         assert list((watch / sub).iterdir()) == [], f"agent wrote outside DATA: {sub}"
     return active
@@ -159,8 +189,12 @@ BOUNDARIES = [
     "checking:1",
     "downloading:1",
     "download-chunk:1",
+    "stream-key:1",
+    "stream-segment:1",
     "verifying:1",
     "staging:1",
+    "staged-link:1",
+    "decrypt-memory:1",
     "health-checking:1",
     "switching:1",
     "symlink-created:1",
@@ -263,7 +297,8 @@ def test_kills_on_a_device_that_never_had_a_model(bench: Bench) -> None:
         active = Slots(data, MODEL).current()
         assert active in (None, bench.rev2), active
         if active is not None:
-            assert tree_digest(Slots(data, MODEL).revision_dir(active)) == bench.digests[active]
+            assert revision_digest(Slots(data, MODEL).revision_dir(active)) == bench.digests[active]
+            decrypts_and_verifies(data, active)
         for sub in ("cwd", "tmp", "home"):
             assert list((watch / sub).iterdir()) == []
         proc = ctx.Process(target=_crashchild.run_once, args=(str(data), "", str(watch)))
