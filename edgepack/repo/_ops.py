@@ -495,6 +495,10 @@ def resign(
         elif role in (SNAPSHOT, TIMESTAMP):
             if specs:
                 store.use_signers(role, store.signers(role, specs))
+        elif role == "envelopes":
+            from edgepack.repo._envelopes import resign as resign_envelopes
+
+            resign_envelopes(store, key)
         elif role.startswith("model-"):
             name = role[len("model-") :]
             if not key:

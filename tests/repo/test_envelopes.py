@@ -27,7 +27,7 @@ from edgepack.bundle import read_info
 from edgepack.bundle.metadata import hpke_info
 from edgepack.cli import main
 from edgepack.crypto import WrappedKey, unwrap_key
-from edgepack.errors import BundleFormatError, VerificationError
+from edgepack.errors import BundleFormatError, InvalidInputError, VerificationError
 from edgepack.repo import _envelopes
 from tests.repo.conftest import Producer, make_bundle, team_key
 
@@ -447,3 +447,16 @@ def test_revocation_is_also_recorded_with_a_fleet_store(
     assert device_id in _envelopes.revoked_devices(site.workdir)
     shown = run(capsys, "fleet", "show", device_id, "--db", db, "--json")
     assert json.loads(shown[1])["device"]["revoked_at"]
+
+
+def test_refresh_role_envelopes_resigns_the_role_and_every_bin(site: Site, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="no key envelopes yet"):
+        repo.resign(site.workdir, "envelopes", passphrase=repo.no_passphrase)
+    release = _envelopes.release_of(site.bundle, site.producer.fleet)
+    device = _envelopes.Device("dev-" + "3" * 20, x25519.X25519PrivateKey.generate().public_key())
+    _envelopes.wrap(site.workdir, [release], [device], passphrase=repo.no_passphrase)
+    done = repo.resign(site.workdir, "envelopes", passphrase=repo.no_passphrase)
+    assert {"envelopes", "envelopes~bin-0", "envelopes~bin-1"} <= set(done.versions)
+    updater, _ = site.client(tmp_path / "after")
+    updater.refresh()
+    assert updater.get_targetinfo(env.envelope_target_path("digits", "1.0.0", device.device_id))
