@@ -82,6 +82,36 @@ def wrap_command(
     emit(data, as_json, human)
 
 
+def prune_command(
+    name: str = typer.Argument(..., metavar="NAME", help="The model."),
+    versions: list[str] = typer.Argument(..., metavar="VERSION...", help="Releases to prune."),
+    workdir: Path = REPO_OPTION,
+    key: str | None = OPERATOR_KEY,
+    passphrase_env: str | None = PASSPHRASE_ENV,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Withdraw every key envelope of these releases.
+
+    Envelopes stay until pruned, so the bins every device reads would grow with
+    releases times devices; pruning keeps them at the size of the releases kept. A release a channel still names, as current or previous,
+    is refused: a device may still need its key.
+    """
+    from edgepack.repo import _envelopes
+
+    result = _envelopes.prune(
+        workdir, name, versions, passphrase=_passphrases(passphrase_env), key=key
+    )
+    emit(
+        {"versions": result.versions, **result.summary},
+        as_json,
+        lambda: typer.echo(
+            f"withdrew {result.summary['withdrawn']} key envelope(s) of {name} "
+            f"{', '.join(versions)} ({result.summary['bins']} hash bins)"
+        ),
+    )
+
+
 def register(keys_app: typer.Typer) -> None:
-    """Add ``keys wrap`` to the ``keys`` group."""
+    """Add ``keys wrap`` and ``keys prune`` to the ``keys`` group."""
     keys_app.command("wrap")(wrap_command)
+    keys_app.command("prune")(prune_command)

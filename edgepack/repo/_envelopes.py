@@ -14,7 +14,9 @@ metadata for its envelope is the snapshot (one ~50-byte entry per bin) plus one
 bin (~140 bytes per envelope), so the sum is smallest when the two are about
 equal: at 100,000 envelopes that is near 500 bins, and b = 9 (512 bins, 195 per
 bin) is what 256 gives. The role is re-binned (every bin re-signed) when the
-envelopes outgrow it; bins never shrink.
+envelopes outgrow it; bins never shrink, and bins of an old layout whose names
+the new one does not reuse stay listed in the snapshot (TUF devices refuse a
+snapshot that drops a role they saw).
 
 The envelopes role follows the operators' key: when it is missing from
 top-level targets, or names another key than the operators' role (after
@@ -32,6 +34,7 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 
@@ -165,16 +168,14 @@ class _Role:
 
     def _rebin(self, bits: int) -> None:
         everything = {p: i for md in self.bins.values() for p, i in md.signed.targets.items()}
-        old = self.succinct
         succinct = SuccinctRoles([], 1, bits, BIN_PREFIX)
         self.top.signed.delegations = Delegations(keys={}, succinct_roles=succinct)
         bins = {b: Metadata(Targets(expires=self.store.now)) for b in succinct.get_roles()}
         for path, info in everything.items():
             bins[succinct.get_role_for_target(path)].signed.targets[path] = info
-        if old is not None:
-            for name in old.get_roles():
-                if name not in bins:
-                    self.store.drop(name)
+        # Bins of the old layout that the new one does not reuse (their names change
+        # width at 5, 9 and 13 bits) stay listed in the snapshot as they are: TUF
+        # devices refuse a snapshot that drops a role the previous one listed.
         self.bins = bins
         self.rebuild = True
 
@@ -601,3 +602,65 @@ def resign(store: Store, key: str | None) -> None:
     role = _Role.load(store)
     role.rebuild = True
     role.stage(_operators_signer(store, key))
+
+
+def prune(
+    workdir: Path,
+    name: str,
+    versions: Sequence[str],
+    *,
+    passphrase: PassphraseSource,
+    key: str | None = None,
+    now: datetime | None = None,
+) -> Result:
+    """Withdraw every envelope of these releases of ``name``.
+
+    Envelopes of every wrapped release stay until pruned, so bins and the snapshot
+    would grow with releases × devices; pruning what no channel offers keeps the
+    bins at the size of the releases kept. The bin count itself never shrinks
+    (TUF devices refuse a snapshot that drops a role they saw). A release a channel still names (current or
+    previous, and not revoked: a device may still need its key) is refused.
+    """
+    from edgepack.repo._channels import documents
+
+    if not versions:
+        raise InvalidInputError("no version to prune")
+    for version in versions:
+        env.envelope_target_path(name, version, "dev-" + "0" * 20)  # checks name and version
+    paths, _settings, store = open_store(workdir, passphrase, now)
+    with publish_lock(paths):
+        for doc in documents(store):
+            if doc.model != name:
+                continue
+            offered = ((doc.current,) if doc.current else ()) + doc.previous
+            named = [r.version for r in offered if r.version not in doc.revoked]
+            for version in versions:
+                if version in named:
+                    raise InvalidInputError(
+                        f"{name} {version} is still named by channel {doc.channel}; "
+                        "devices may still need its key",
+                        hint="prune releases no channel offers any more",
+                    )
+        role = _Role.load(store)
+        signer = _operators_signer(store, key)
+        prefixes = tuple(f"keys/{name}/{v}/" for v in versions)
+        removed = 0
+        for holder, md in role.bins.items():
+            gone = [p for p in md.signed.targets if p.startswith(prefixes)]
+            for path in gone:
+                del md.signed.targets[path]
+            if gone:
+                removed += len(gone)
+                role.touched.add(holder)
+        summary: dict[str, Any] = {
+            "model": name,
+            "versions": list(versions),
+            "withdrawn": removed,
+            "bins": _bins(role),
+        }
+        if not removed:
+            return Result({}, summary)
+        _delegate(store, signer)
+        role.stage(signer)
+        result = store.commit()
+    return Result(result.versions, summary)

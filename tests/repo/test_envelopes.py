@@ -460,3 +460,67 @@ def test_refresh_role_envelopes_resigns_the_role_and_every_bin(site: Site, tmp_p
     updater, _ = site.client(tmp_path / "after")
     updater.refresh()
     assert updater.get_targetinfo(env.envelope_target_path("digits", "1.0.0", device.device_id))
+
+
+def test_prune_withdraws_a_release_no_channel_offers(
+    site: Site, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    v1 = _envelopes.release_of(site.bundle, site.producer.fleet)
+    v2_bundle = site.release("2.0.0")
+    v2 = _envelopes.release_of(v2_bundle, site.producer.fleet)
+    fleet = [
+        _envelopes.Device(f"dev-{i:020x}", x25519.X25519PrivateKey.generate().public_key())
+        for i in range(300)
+    ]
+    _envelopes.wrap(site.workdir, [v1], fleet, passphrase=repo.no_passphrase)
+    grown = _envelopes.wrap(site.workdir, [v2], fleet, passphrase=repo.no_passphrase)
+    assert grown.summary["bins"] == 4  # 600 envelopes
+    repo.promote(site.workdir, "digits", "1.0.0", channel="stable", passphrase=repo.no_passphrase)
+    refused = run(capsys, "keys", "prune", "digits", "1.0.0", "--repo", str(site.workdir))
+    assert refused[0] == 3 and "still named by channel stable" in refused[2]
+    repo.revoke(site.workdir, "digits", "1.0.0", passphrase=repo.no_passphrase)
+    code, out, err = run(
+        capsys, "keys", "prune", "digits", "1.0.0", "--repo", str(site.workdir), "--json"
+    )
+    assert code == 0, err
+    done = json.loads(out)
+    assert done["withdrawn"] == 300 and done["bins"] == 4
+    updater, _ = site.client(tmp_path / "pruned")
+    updater.refresh()
+    first = fleet[0].device_id
+    assert updater.get_targetinfo(env.envelope_target_path("digits", "1.0.0", first)) is None
+    assert updater.get_targetinfo(env.envelope_target_path("digits", "1.0.0", first)) is None
+    assert updater.get_targetinfo(env.envelope_target_path("digits", "2.0.0", first))
+
+
+def test_a_device_that_saw_the_old_bins_follows_a_rebin_across_a_name_width(
+    site: Site, tmp_path: Path
+) -> None:
+    """8 bins (names 0-7) grow to 32 (names 00-1f): the old names stay in the snapshot,
+    so a device holding the old snapshot accepts the new one (TUF refuses a dropped role)."""
+    release = _envelopes.release_of(site.bundle, site.producer.fleet)
+    fleet = [
+        _envelopes.Device(f"dev-{i:020x}", x25519.X25519PrivateKey.generate().public_key())
+        for i in range(4200)
+    ]
+    first = _envelopes.wrap(site.workdir, [release], fleet[:1500], passphrase=repo.no_passphrase)
+    assert first.summary["bins"] == 8
+    home = tmp_path / "long-lived"
+    updater, _ = site.client(home)
+    updater.refresh()
+    assert updater.get_targetinfo(env.envelope_target_path("digits", "1.0.0", fleet[0].device_id))
+    grown = _envelopes.wrap(site.workdir, [release], fleet[1500:], passphrase=repo.no_passphrase)
+    assert grown.summary["bins"] == 32
+    fetcher = RecordingFetcher()
+    again = Updater(
+        metadata_dir=str(home / "metadata"),
+        metadata_base_url=f"{site.url}/metadata/",
+        target_base_url=f"{site.url}/targets/",
+        target_dir=str(home / "targets"),
+        fetcher=fetcher,
+        bootstrap=None,
+    )
+    again.refresh()
+    for device in (fleet[0], fleet[4199]):
+        path = env.envelope_target_path("digits", "1.0.0", device.device_id)
+        assert again.get_targetinfo(path)
