@@ -135,15 +135,11 @@ class Agent:
         :class:`KeyFileError` (exit 5) instead of failing every poll quietly; a
         prompt on a terminal is asked once, not at every install.
         """
-        from edgepack.keys import load_recipient_private_key
-
         self.passphrase_env = passphrase_env
         if not self.config.recipient_key:
             return
         try:
-            self._recipient = load_recipient_private_key(
-                Path(self.config.recipient_key), passphrase_env
-            )
+            self._recipient = keyprotect.load_recipient_key(self.config, passphrase_env)
         except KeyFileError as exc:
             raise KeyFileError(
                 f"the device's recipient key cannot be used: {exc.diagnostics()}"
@@ -672,7 +668,6 @@ class Agent:
         A problem here is the device's configuration, not the release's: it is
         reported as an error and never marks a release failed.
         """
-        from edgepack.keys import load_recipient_private_key
         from edgepack.signing import load_trust_policy
 
         if not self.config.trust_policy:
@@ -681,8 +676,8 @@ class Agent:
                 hint="enrol again with --trust POLICY (a policy file or a producer .pub)",
             )
         try:
-            key = self._recipient or load_recipient_private_key(
-                Path(self.config.recipient_key), self.passphrase_env
+            key = self._recipient or keyprotect.load_recipient_key(
+                self.config, self.passphrase_env
             )
             policy = load_trust_policy(Path(self.config.trust_policy))
         except KeyFileError as exc:  # a key problem keeps its exit code (5)

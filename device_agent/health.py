@@ -264,8 +264,11 @@ def check_revision_isolated(
 
 def _child_main() -> None:
     """Run one check from a JSON request on stdin; print the result as one line."""
-    from device_agent import _child
+    from device_agent import _child, _crashpoint
 
+    # The crash harness's kill in here (decrypt-memory) stands for a power cut: the
+    # agent waiting on this check dies with it.
+    _crashpoint.kill_parent_too()
     request = _child.request()
     memory_mb = int(request.get("memory_mb") or 0)
     if memory_mb > 0:

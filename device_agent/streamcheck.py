@@ -157,6 +157,9 @@ class _BadStreamError(EdgepackError):
 
 
 class NoKeyError(EdgepackError):
-    """This device holds no key for the release: not in the bundle, no envelope for it."""
+    """This device holds no key for the release: not in the bundle, no envelope for it.
 
-    exit_code = 5
+    Not a verdict on the release (its envelope may be published later), but like a
+    bundle not encrypted for the device it is a decryption problem: exit code 4."""
+
+    exit_code = 4

@@ -20,6 +20,14 @@ class _PathLike:
         return str(self.path)
 
 
+@pytest.fixture
+def data(world: World, tmp_path: Path) -> Path:
+    """A device whose models are kept plain, so that they have a path to hand out."""
+    d = tmp_path / "data"
+    world.enroll(d, at_rest="plain")
+    return d
+
+
 def test_open_session_accepts_a_str_and_a_pathlike(world: World, data: Path) -> None:
     world.publish("1.0.0", 2.0)
     assert poll(data).action == "installed"

@@ -20,6 +20,15 @@ from tests.agent.conftest import poll
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
 
+@pytest.fixture
+def data(world: World, tmp_path: Path) -> Path:
+    """Plain revisions, whose files are damaged one by one here (encrypted revisions:
+    tests/agent/test_encrypted_at_rest.py)."""
+    d = tmp_path / "data"
+    world.enroll(d, at_rest="plain")
+    return d
+
+
 def _run(data: Path) -> np.ndarray:
     session = open_session(MODEL, data_dir=data)
     return np.asarray(session.run(None, {"X": X})[0])

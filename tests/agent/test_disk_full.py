@@ -43,9 +43,11 @@ def _fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def _setup(world: World, disk: Path, **limits: object) -> tuple[Path, str]:
+def _setup(
+    world: World, disk: Path, at_rest: str = "encrypted", **limits: object
+) -> tuple[Path, str]:
     data = disk / "data"
-    world.enroll(data, fast_limits(**limits))
+    world.enroll(data, fast_limits(**limits), at_rest=at_rest)
     world.publish("1.0.0", 2.0, pad_bytes=100_000)
     assert poll(data).action == "installed"
     v1 = str(Slots(data, MODEL).current())
@@ -53,9 +55,13 @@ def _setup(world: World, disk: Path, **limits: object) -> tuple[Path, str]:
     return data, v1
 
 
-@pytest.mark.parametrize("leave", [200_000, 2_000_000], ids=["during-download", "during-install"])
-def test_disk_fills_up_mid_update(world: World, disk: Path, leave: int) -> None:
-    data, v1 = _setup(world, disk)
+@pytest.mark.parametrize(
+    ("leave", "at_rest"),
+    [(200_000, "encrypted"), (2_000_000, "plain")],
+    ids=["during-download", "during-install"],  # only a plain install writes a second copy
+)
+def test_disk_fills_up_mid_update(world: World, disk: Path, leave: int, at_rest: str) -> None:
+    data, v1 = _setup(world, disk, at_rest)
     filler = _fill(disk, leave)
     # Another process takes the space after the check: a negative margin (in memory only;
     # config.toml refuses one) switches the free-space check off to let the update start.
@@ -70,6 +76,17 @@ def test_disk_fills_up_mid_update(world: World, disk: Path, leave: int) -> None:
     out = poll(data)
     assert out.action == "installed", out.error
     assert str(slots.current()).startswith("2.0.0") and v1 in slots.installed()
+
+
+def test_an_encrypted_install_fits_where_a_plain_one_does_not(world: World, disk: Path) -> None:
+    """The space a plain install needs for its decrypted copy is not needed at all."""
+    data, v1 = _setup(world, disk)
+    filler = _fill(disk, 2_000_000)  # the download fits; a second, decrypted copy would not
+    out = poll(data)
+    assert out.action == "installed", out.error
+    assert str(Slots(data, MODEL).current()).startswith("2.0.0")
+    assert v1 in Slots(data, MODEL).installed()
+    filler.unlink()
 
 
 def test_free_space_check_refuses_before_downloading(world: World, disk: Path) -> None:

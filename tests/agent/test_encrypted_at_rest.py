@@ -213,3 +213,34 @@ def test_an_encrypted_model_has_no_path_to_hand_out(world: World, data: Path) ->
     poll(data)
     with pytest.raises(EncryptedAtRestError, match="no model file to open by path"):
         active_model_path(MODEL, data_dir=data)
+
+
+def test_a_tpm_enrolled_device_installs_and_opens_with_keys_only_the_tpm_unseals(
+    world: World, tmp_path: Path
+) -> None:
+    from device_agent import enroll as enroll_mod
+    from tests.agent._support import fast_limits
+    from tests.agent._swtpm import SwTpm, skip_unless_available
+
+    skip_unless_available()
+    world.publish("1.0.0", 2.0)
+    data = tmp_path / "data-tpm"
+    with SwTpm(tmp_path / "tpm") as tpm:
+        enroll_mod.enroll(
+            data,
+            repo_url=world.server.url,
+            root=world.root_json,
+            models=[MODEL],
+            trust=world.producer_pub,
+            recipient_key=world.fleet_key_path,
+            limits=fast_limits(),
+            key_protection="tpm",
+            tpm_tcti=tpm.tcti,
+        )
+        assert poll(data).action == "installed"
+        assert np.allclose(open_session(MODEL, data_dir=data).run(None, {"X": X})[0], X * 2 + 1)
+        assert not (data / "models" / ".storage.key").exists()
+        assert (data / "models" / ".storage.key.tpm").is_file()
+    # The TPM gone (the disk in another machine): the model cannot be opened.
+    with pytest.raises(KeyFileError):
+        open_session(MODEL, data_dir=data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,16 +112,37 @@ def test_reenrolling_keeps_hand_set_limits_unless_new_ones_are_given(
     assert config.load(data).limits == fast_limits()
 
 
-def test_reenrolling_with_the_right_key_clears_the_failure_it_caused(
+def test_a_release_for_another_key_waits_for_the_right_key_without_downloading_it(
     world: World, tmp_path: Path
 ) -> None:
     data = tmp_path / "dev"
-    world.publish("1.0.0", 2.0)  # encrypted for the fleet key
-    _enroll(world, data, None)  # the device's own key: not a recipient
-    first = poll(data)
-    assert first.action == "failed" and "not encrypted for this recipient key" in str(first.error)
-    assert poll(data).action == "kept"  # those bytes are not tried again ...
+    bundle = world.publish("1.0.0", 2.0, pad_bytes=1024 * 1024)  # encrypted for the fleet key
+    _enroll(world, data, None)  # the device's own key: not a recipient, and no envelope
+    for _ in range(2):  # not marked failed: an envelope may be published later
+        first = poll(data)
+        assert first.action == "error" and "no key envelope" in str(first.error)
+        assert Slots(data, MODEL).current() is None
+    parts = list((data / "downloads").glob("*.part"))
+    assert parts and all(p.stat().st_size < bundle.stat().st_size // 4 for p in parts)
     result = _enroll(world, data, world.fleet_key_path)
+    assert result.cleared == ()  # there was no failure mark to clear
+    installed = poll(data)
+    assert installed.action == "installed" and installed.version == "1.0.0"
+
+
+def test_reenrolling_with_the_right_trust_clears_the_failure_it_caused(
+    world: World, tmp_path: Path
+) -> None:
+    data = tmp_path / "dev"
+    world.publish("1.0.0", 2.0)
+    other = keys.generate_signing_key()
+    keys.write_keypair(world.base / "other-producer", other)
+    _enroll(world, data, world.fleet_key_path)
+    config.save(replace(config.load(data), trust_policy=str(world.base / "other-producer.pub")))
+    first = poll(data)
+    assert first.action == "failed" and "not signed by a producer" in str(first.error)
+    assert poll(data).action == "kept"  # those bytes are not tried again ...
+    result = _enroll(world, data, world.fleet_key_path)  # --trust: the right producer again
     assert result.cleared and result.cleared[0].startswith(f"{MODEL}: sha256:")
     installed = poll(data)  # ... until the device's configuration changed
     assert installed.action == "installed" and installed.version == "1.0.0"
@@ -134,17 +156,20 @@ def test_retry_forgets_a_failure_and_leaves_the_running_model(world: World, tmp_
     _enroll(world, data, world.fleet_key_path)
     assert poll(data).action == "installed"
     running = Slots(data, MODEL).current()
-    # 2.0.0 is packed for another key, one this device does not have (yet).
-    fleet, other = world.fleet_key, keys.generate_recipient_key()
-    world.fleet_key = other
+    # 2.0.0 is signed by a producer key this device does not trust (yet).
+    producer, other = world.producer_key, keys.generate_signing_key()
+    world.producer_key = other
     world.publish("2.0.0", 3.0)
-    world.fleet_key = fleet
+    world.producer_key = producer
     assert poll(data).action == "failed"
     kept = poll(data)
     assert kept.action == "kept" and "failed here before" in str(kept.error)
     assert f"edgepack-agent retry {MODEL}" in str(kept.error)  # the way out, said where it is met
-    # The device's key is mended by hand (the right key restored into DATA): still kept.
-    keys.write_private_file(data / "keys" / "recipient.key", keys.private_pem(other, None))
+    # The device's trust is mended by hand (the new producer key put into DATA): still kept.
+    keys.write_keypair(world.base / "other-producer", other)
+    trust = Path(config.load(data).trust_policy)
+    trust.chmod(0o644)
+    trust.write_bytes((world.base / "other-producer.pub").read_bytes())
     assert poll(data).action == "kept"
 
     out = _agent("retry", MODEL, "--data-dir", str(data), "--json")

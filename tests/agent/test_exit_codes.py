@@ -78,7 +78,7 @@ def test_run_once_not_encrypted_for_this_device_is_4(world: World, data: Path) -
     set_config(data, recipient_key=str(world.base / "other.key"))
     out = agent(data, "run", "--once")
     assert out.returncode == 4, (out.stdout, out.stderr)
-    assert out.stdout.startswith(f"{MODEL}: failed 1.0.0")
+    assert out.stdout.startswith(f"{MODEL}: error ({MODEL} 1.0.0 is not encrypted for this")
 
 
 def test_run_once_passphrase_locked_key_is_5(world: World, data: Path) -> None:
