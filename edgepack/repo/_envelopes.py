@@ -203,12 +203,14 @@ class _Role:
 def write_batch(root: Path, files: Sequence[tuple[TargetFile, bytes]]) -> None:
     """Write many small target files under their hash-prefixed names, then flush once.
 
-    The store writes each target with two ``fsync`` calls, which at 100,000
-    envelopes is minutes; here each file goes through a temporary name and
-    ``os.replace`` (never half-written under its real name) and one ``syncfs``
-    of the tree's filesystem makes them all durable before any metadata that
-    names them is written. The names are new (content-addressed), so no reader
-    sees a file change; a failure leaves only unreferenced files.
+    The store writes each target through a temporary file with two ``fsync``
+    calls, which at 100,000 envelopes is minutes. Here each file is written
+    straight under its name and one ``syncfs`` of the tree's filesystem makes
+    them all durable before any metadata that names them is written. That is
+    safe because the names are new and content-addressed (each envelope holds
+    fresh HPKE randomness): no metadata names a file before it is whole on disk,
+    so a crash or a failure leaves only unreferenced files, and no reader ever
+    sees a file change.
     """
     made: set[Path] = set()
     for info, data in files:
@@ -217,14 +219,14 @@ def write_batch(root: Path, files: Sequence[tuple[TargetFile, bytes]]) -> None:
             if dest.parent not in made:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 made.add(dest.parent)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 os.fchmod(fd, 0o644)
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
-            os.replace(tmp, dest)
     if files:
         _sync_filesystem(root)
 
