@@ -396,7 +396,8 @@ class Agent:
                 check = StreamCheck(
                     self._key_provider(
                         client, name, update, str(profile) if profile else None, credentials[0]
-                    )
+                    ),
+                    _payload_files(custom.get("payload")),
                 )
             log.info(
                 "%s: downloading %s (%d bytes%s)",
@@ -425,6 +426,15 @@ class Agent:
         # the verifier's ~25 MB of imports never stay in the daemon.
         binfo = bundle.read_info(bundle_path)
         bundle.check_signature(binfo, credentials[1], sigcheck.verify_signature_isolated)
+        # The signed manifest's digests, when the stream could hash the files as they came.
+        digests_checked = False
+        if check is not None and check.digests is not None:
+            if check.digests != {f.path: f.sha256 for f in binfo.manifest}:
+                raise VerificationError(
+                    f"{info.path}: its payload does not match the signed manifest",
+                    hint="the bundle was altered; do not use it",
+                )
+            digests_checked = True
         if check is not None and check.content_key is not None:
             content_key = check.content_key
         else:
@@ -488,6 +498,7 @@ class Agent:
             timeout_s=self.config.limits.health_timeout_s,
             memory_mb=self.config.limits.health_memory_mb,
             content_key=content_key if encrypted else None,
+            check_digests=not digests_checked,
         )
         mj.revisions[update.revision].healthy = True
         self._facts.setdefault(name, {})["health_latency_ms"] = {
@@ -676,9 +687,7 @@ class Agent:
                 hint="enrol again with --trust POLICY (a policy file or a producer .pub)",
             )
         try:
-            key = self._recipient or keyprotect.load_recipient_key(
-                self.config, self.passphrase_env
-            )
+            key = self._recipient or keyprotect.load_recipient_key(self.config, self.passphrase_env)
             policy = load_trust_policy(Path(self.config.trust_policy))
         except KeyFileError as exc:  # a key problem keeps its exit code (5)
             raise KeyFileError(
@@ -809,6 +818,23 @@ class Agent:
                 }
             )
         return out
+
+
+def _payload_files(raw: object) -> list[tuple[str, int]] | None:
+    """The payload's (path, size) in manifest order from a target's TUF custom metadata
+    (``payload``: ``[{"path", "size"}, …]``), or None when it names none or is malformed
+    (the digests are then checked after the download instead)."""
+    if not isinstance(raw, list) or not raw:
+        return None
+    files = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            return None
+        path, size = entry.get("path"), entry.get("size")
+        if not isinstance(path, str) or type(size) is not int or size < 0:
+            return None
+        files.append((path, size))
+    return files
 
 
 def _describe(exc: BaseException) -> str:

@@ -219,6 +219,7 @@ def check_revision_isolated(
     timeout_s: float = 300.0,
     memory_mb: int = 0,
     content_key: bytes | None = None,
+    check_digests: bool = True,
 ) -> HealthReport:
     """:func:`check_revision` in a child process, bounded by ``timeout_s`` and ``memory_mb``.
 
@@ -227,6 +228,9 @@ def check_revision_isolated(
     revision: the child decrypts its ``bundle.epk`` into memory (every tag and
     every signed digest checked) and runs :func:`check_files`; the key travels
     hex-encoded in the request on the child's stdin, never in its argv or a file.
+    ``check_digests=False`` skips re-hashing the payload files when the caller has
+    checked them against the signed manifest already (while the bundle downloaded);
+    every segment's tag is checked regardless.
     Raises :class:`CorruptRevisionError` when the encrypted revision is damaged,
     and :class:`HealthCheckError` for every other way the check can fail, the
     cause in its message.
@@ -245,6 +249,7 @@ def check_revision_isolated(
     }
     if content_key is not None:
         request["content_key"] = content_key.hex()
+        request["check_digests"] = check_digests
     try:
         result = _child.call(_CHILD, _RESULT_PREFIX, request, timeout_s)
     except subprocess.TimeoutExpired:
@@ -310,7 +315,9 @@ def _child_check(request: dict[str, Any]) -> HealthReport:
     from device_agent import atrest
 
     decrypted = atrest.decrypt_bundle(
-        revision_dir / atrest.BUNDLE_FILE, bytes.fromhex(str(key_hex)), check_digests=True
+        revision_dir / atrest.BUNDLE_FILE,
+        bytes.fromhex(str(key_hex)),
+        check_digests=request.get("check_digests") is not False,
     )
     try:
         return check_files(

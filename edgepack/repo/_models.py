@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from edgepack.bundle.metadata import PayloadFile
 from edgepack.channel import check_name, check_version
 from edgepack.errors import InvalidInputError, KeyFileError
 from edgepack.repo._keys import open_signer
@@ -47,6 +48,8 @@ class BundleInfoLike(Protocol):
     def architectures(self) -> tuple[str, ...]: ...
     @property
     def path(self) -> Path: ...
+    @property
+    def manifest(self) -> tuple[PayloadFile, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ def describe_bundle(info: BundleInfoLike) -> NewTarget:
         "version": version,
         "profile": profile,
         "architectures": list(info.architectures),
+        # The payload's files in manifest order: a device hashes each as it downloads.
+        "payload": [{"path": f.path, "size": f.size} for f in info.manifest],
     }
     return NewTarget(target, Path(info.path))
 

@@ -142,6 +142,7 @@ class TufRepo:
             "version": info.version,
             "profile": info.profile,
             "architectures": list(info.architectures),
+            "payload": [{"path": f.path, "size": f.size} for f in info.manifest],
         }
         self.add_target(TEAM, target, path.read_bytes(), custom)
         self.commit({TEAM})

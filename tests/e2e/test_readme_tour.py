@@ -266,4 +266,4 @@ def test_the_readme_tour_installs_the_model_as_written(tmp_path: Path) -> None:
     assert any(r.startswith("1.1.0") for r in digits["failed_releases"]), digits
     current = data / "models" / "digits" / "current"
     assert os.readlink(current) == digits["revision"], digits
-    assert (current / "model.onnx").is_file()
+    assert sorted(p.name for p in current.iterdir()) == ["bundle.epk", "key.sealed"]
