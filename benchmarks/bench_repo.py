@@ -36,6 +36,7 @@ from tuf.ngclient.updater import Updater
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from edgepack import repo
+from edgepack.bundle.metadata import PayloadFile
 
 MODEL = "digits"
 
@@ -49,6 +50,7 @@ class FakeInfo:
     version: str
     profile: str | None
     architectures: tuple[str, ...]
+    manifest: tuple[PayloadFile, ...] = ()
 
 
 class CountingFetcher(Urllib3Fetcher):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from tuf.api import exceptions as tuf_exc
 
 from device_agent import (
     _atomic,
+    _child,
     atrest,
     health,
     keyprotect,
@@ -123,6 +125,7 @@ class Agent:
         # the channel's current version, a new revision's health-check latency.
         self._facts: dict[str, dict[str, Any]] = {}
         self._recipient: Any = None  # the recipient key once unlock() opened it
+        self._warm: dict[str, _child.Warm] = {}  # children started ahead for this install
         self.passphrase_env: str | None = None
 
     def unlock(self, passphrase_env: str | None = None) -> None:
@@ -379,6 +382,23 @@ class Agent:
     def _install(
         self, client: TufClient, name: str, update: Update, info: Any, credentials: tuple[Any, Any]
     ) -> None:
+        try:
+            self._install_steps(client, name, update, info, credentials)
+        finally:
+            for child in self._warm.values():
+                child.close()
+            self._warm = {}
+
+    def _warm_up(self) -> None:
+        """Start the signature and health-check children now, so their start-up and
+        imports overlap the rest of the download (each waits for its request)."""
+        for module in (sigcheck.CHILD_MODULE, health.CHILD_MODULE):
+            if module not in self._warm:
+                self._warm[module] = _child.Warm(module)
+
+    def _install_steps(
+        self, client: TufClient, name: str, update: Update, info: Any, credentials: tuple[Any, Any]
+    ) -> None:
         slots = Slots(self.data, name)
         mj = self.journal.model(name)
         encrypted = self.config.at_rest == "encrypted"
@@ -425,7 +445,14 @@ class Agent:
         # The producer signature is checked in a child process (device_agent/sigcheck.py):
         # the verifier's ~25 MB of imports never stay in the daemon.
         binfo = bundle.read_info(bundle_path)
-        bundle.check_signature(binfo, credentials[1], sigcheck.verify_signature_isolated)
+        self._warm_up()
+        verified = bundle.check_signature(
+            binfo,
+            credentials[1],
+            functools.partial(
+                sigcheck.verify_signature_isolated, warm=self._warm.get(sigcheck.CHILD_MODULE)
+            ),
+        )
         # The signed manifest's digests, when the stream could hash the files as they came.
         digests_checked = False
         if check is not None and check.digests is not None:
@@ -473,7 +500,7 @@ class Agent:
                 staged,
                 recipient_key=content_key,
                 policy=credentials[1],
-                verifier=sigcheck.verify_signature_isolated,
+                verifier=lambda _signature, _policy: verified,  # checked just above
             )
             safeload.check_model(staged, model_rel)
             manifest = [
@@ -499,6 +526,7 @@ class Agent:
             memory_mb=self.config.limits.health_memory_mb,
             content_key=content_key if encrypted else None,
             check_digests=not digests_checked,
+            warm=self._warm.get(health.CHILD_MODULE),
         )
         mj.revisions[update.revision].healthy = True
         self._facts.setdefault(name, {})["health_latency_ms"] = {
@@ -523,10 +551,12 @@ class Agent:
             info = hpke_info(name, update.version, profile, header)
             key_id = recipient_key_id(recipient.public_key())
             if any(r.key_id == key_id for r in header.recipients):
-                return unwrap_key(list(header.recipients), recipient, info)
+                key = unwrap_key(list(header.recipients), recipient, info)
+                self._warm_up()  # a release this device can open: the rest will follow
+                return key
             from device_agent import envelopes
 
-            key = envelopes.fetch_content_key(
+            enveloped = envelopes.fetch_content_key(
                 client,
                 device_id=self.config.device_id,
                 name=name,
@@ -536,7 +566,7 @@ class Agent:
                 info=info,
                 recipient_key=recipient,
             )
-            if key is None:
+            if enveloped is None:
                 raise NoKeyError(
                     f"{name} {update.version} is not encrypted for this device's key "
                     f"(id {key_id}) and the repository holds no key envelope for "
@@ -544,7 +574,8 @@ class Agent:
                     hint="the current model keeps running; an operator can publish its "
                     "envelope with `edgepack keys wrap`",
                 )
-            return key
+            self._warm_up()
+            return enveloped
 
         return provide
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agent import memload, safeload
+from device_agent import _child, memload, safeload
 from device_agent.errors import CorruptRevisionError, HealthCheckError, UnsafeModelError
 
 
@@ -204,7 +204,7 @@ def _check(
 # wrong there — an exception, a crash, the limit — is this release's health-check
 # failure with its cause, and the agent itself keeps running.
 
-_CHILD = "device_agent.health"
+CHILD_MODULE = _CHILD = "device_agent.health"
 _RESULT_PREFIX = "edgepack-health-result "
 _CORRUPT = "corrupt-revision"  # the result's error_kind when the encrypted revision is damaged
 
@@ -220,6 +220,7 @@ def check_revision_isolated(
     memory_mb: int = 0,
     content_key: bytes | None = None,
     check_digests: bool = True,
+    warm: _child.Warm | None = None,
 ) -> HealthReport:
     """:func:`check_revision` in a child process, bounded by ``timeout_s`` and ``memory_mb``.
 
@@ -230,14 +231,13 @@ def check_revision_isolated(
     hex-encoded in the request on the child's stdin, never in its argv or a file.
     ``check_digests=False`` skips re-hashing the payload files when the caller has
     checked them against the signed manifest already (while the bundle downloaded);
-    every segment's tag is checked regardless.
+    every segment's tag is checked regardless. ``warm`` is a :class:`_child.Warm`
+    child of this module started ahead, used instead of a new one.
     Raises :class:`CorruptRevisionError` when the encrypted revision is damaged,
     and :class:`HealthCheckError` for every other way the check can fail, the
     cause in its message.
     """
     import subprocess
-
-    from device_agent import _child
 
     request = {
         "revision_dir": str(revision_dir),
@@ -251,7 +251,7 @@ def check_revision_isolated(
         request["content_key"] = content_key.hex()
         request["check_digests"] = check_digests
     try:
-        result = _child.call(_CHILD, _RESULT_PREFIX, request, timeout_s)
+        result = _child.call(_CHILD, _RESULT_PREFIX, request, timeout_s, warm)
     except subprocess.TimeoutExpired:
         raise HealthCheckError(
             f"health check failed: the model did not finish its health check in {timeout_s:g} s"
@@ -274,6 +274,11 @@ def _child_main() -> None:
     # The crash harness's kill in here (decrypt-memory) stands for a power cut: the
     # agent waiting on this check dies with it.
     _crashpoint.kill_parent_too()
+    # Imported before the request is read, so a child started ahead (_child.Warm) has
+    # them loaded by the time the revision is ready.
+    import numpy  # noqa: F401
+    import onnxruntime  # noqa: F401
+
     request = _child.request()
     memory_mb = int(request.get("memory_mb") or 0)
     if memory_mb > 0:

@@ -26,7 +26,7 @@ from device_agent import _child
 from edgepack import errors
 from edgepack.signing import SigstoreIdentity, TrustPolicy, VerifiedSignature
 
-_CHILD = "device_agent.sigcheck"
+CHILD_MODULE = _CHILD = "device_agent.sigcheck"
 _RESULT_PREFIX = "edgepack-signature-result "
 # Errors the child may report by name; anything else is a verification failure.
 _ERRORS: dict[str, type[errors.EdgepackError]] = {
@@ -73,11 +73,15 @@ def _policy_from_json(doc: dict[str, Any]) -> TrustPolicy:
     )
 
 
-def verify_signature_isolated(data: bytes, policy: TrustPolicy) -> VerifiedSignature:
-    """:func:`edgepack.signing.verify_signature` in a child process; same result, same errors."""
+def verify_signature_isolated(
+    data: bytes, policy: TrustPolicy, warm: _child.Warm | None = None
+) -> VerifiedSignature:
+    """:func:`edgepack.signing.verify_signature` in a child process; same result, same errors.
+
+    ``warm``: a child of this module started ahead (its imports done), used instead."""
     request = {"signature": base64.b64encode(data).decode(), "policy": _policy_to_json(policy)}
     try:
-        result = _child.call(_CHILD, _RESULT_PREFIX, request, TIMEOUT_S)
+        result = _child.call(_CHILD, _RESULT_PREFIX, request, TIMEOUT_S, warm)
     except subprocess.TimeoutExpired:
         raise errors.VerificationError(
             f"the producer signature was not verified within {TIMEOUT_S:g} s"

@@ -222,6 +222,7 @@ class World:
         *,
         at_rest: str | None = None,
         recipient_key: Path | None = None,
+        profile: str = "auto",
     ) -> str:
         result = enroll_mod.enroll(
             data_dir,
@@ -232,6 +233,7 @@ class World:
             recipient_key=recipient_key or self.fleet_key_path,
             limits=limits or fast_limits(),
             at_rest=at_rest,
+            profile=profile,
         )
         return result.device_id
 

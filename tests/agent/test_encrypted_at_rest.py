@@ -33,7 +33,7 @@ PAD = 4 * 1024 * 1024  # incompressible weights, so write volumes are measurable
 def _plaintext_needles(world: World, version: str) -> list[bytes]:
     """Distinctive windows of the release's plaintext payload: model weights and golden set."""
     src = world.base / f"src-{version}"
-    needles = []
+    needles: list[bytes] = []
     for rel in ("model.onnx", "health/golden.npz"):
         raw = (src / rel).read_bytes()
         for start in (len(raw) // 3, len(raw) // 2, len(raw) - 80):
@@ -42,7 +42,7 @@ def _plaintext_needles(world: World, version: str) -> list[bytes]:
 
 
 def _files_under(*roots: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for root in roots:
         for dirpath, _, files in os.walk(root):
             found.extend(Path(dirpath) / f for f in files)
@@ -63,7 +63,7 @@ def _holding(paths: list[Path], needles: list[bytes]) -> list[str]:
 
 def _open_files() -> list[Path]:
     """The regular files this process holds open (the test runs open_session in-process)."""
-    found = []
+    found: list[Path] = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = Path(os.readlink(f"/proc/self/fd/{fd}"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from device_agent import enroll, open_session, status
 from device_agent.slots import Slots
@@ -33,8 +34,8 @@ class Site:
     base: Path
     workdir: Path
     url: str
-    producer: object
-    publisher: object
+    producer: ec.EllipticCurvePrivateKey
+    publisher: x25519.X25519PrivateKey
 
     def release(self, version: str, scale: float) -> Path:
         src = self.base / f"src-{version}"
@@ -45,7 +46,7 @@ class Site:
             self.base / "bundles",
             name=MODEL,
             version=version,
-            recipients=[self.publisher.public_key()],  # type: ignore[attr-defined]
+            recipients=[self.publisher.public_key()],
             signer=ProducerKeySigner(self.producer),
             health=health,
         ).path
