@@ -194,8 +194,6 @@ def rebin(store: Store, name: str, signer: Signer) -> int:
     """Spread a model's targets over 2**bits succinct hash bins; return ``bits``."""
     role = model_role(name)
     everything = dict(iter_model_targets(store, name))
-    top = store.role(role)
-    old = _succinct(top)
     bits = max(1, math.ceil(math.log2(max(2, 2 * len(everything) / store.settings.max_per_bin))))
     bits = min(bits, 16)
     keys = {signer.public_key.keyid: signer.public_key}
@@ -207,10 +205,9 @@ def rebin(store: Store, name: str, signer: Signer) -> int:
     }
     for path, info in everything.items():
         bins[succinct.get_role_for_target(path)].signed.targets[path] = info
-    if old is not None:
-        for b in old.get_roles():
-            if b not in bins:
-                store.drop(b)
+    # Bins of the old layout that the new one does not reuse (names change width at 5, 9
+    # and 13 bits) stay listed in the snapshot as they are: TUF devices refuse a snapshot
+    # that drops a role the previous one listed. No delegation reaches them any more.
     store.stage(role, new_top, [signer])
     for b, md in bins.items():
         store.stage(b, md, [signer])

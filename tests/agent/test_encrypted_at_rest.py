@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from device_agent import atrest, config, open_session
+from device_agent import atrest, open_session
 from device_agent.errors import CorruptRevisionError, EncryptedAtRestError
 from device_agent.slots import Slots
 from device_agent.state import Journal
@@ -82,16 +83,22 @@ def _enrolled(world: World, tmp_path: Path, at_rest: str) -> Path:
 
 @pytest.mark.parametrize("at_rest", ["encrypted", "plain"])
 def test_no_plaintext_on_disk_after_install_health_check_and_open(
-    world: World, tmp_path: Path, at_rest: str
+    world: World, tmp_path: Path, at_rest: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world.publish("1.0.0", 2.0, pad_bytes=PAD)
     data = _enrolled(world, tmp_path, at_rest)
-    tmp = config.confine_temp(data)  # where the agent and onnxruntime put temporary files
+    # Where the agent, its children and onnxruntime put temporary files, as the CLI
+    # confines them (config.confine_temp), undone after the test.
+    tmp, cache = data / "tmp", data / "cache"
+    tmp.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     assert poll(data).action == "installed"
     session = open_session(MODEL, data_dir=data)
     assert np.allclose(session.run(None, {"X": X})[0], X * 2.0 + 1.0)
     needles = _plaintext_needles(world, "1.0.0")
-    on_disk = _holding(_files_under(data, tmp) + _open_files(), needles)
+    on_disk = _holding(_files_under(data, tmp, cache) + _open_files(), needles)
     if at_rest == "encrypted":
         assert on_disk == [], f"plaintext model bytes on disk: {on_disk}"
         revision = Slots(data, MODEL).current()

@@ -74,3 +74,32 @@ def test_a_growing_model_moves_into_hash_bins(
     # a device fetches the one bin holding the release it wants, not every bin
     cached = {p.name for p in (tmp_path / "fresh/metadata").iterdir()}
     assert len({n for n in cached if "~bin-" in n}) == 1
+
+
+def test_a_device_that_saw_the_old_bins_follows_a_rebin_across_a_name_width(
+    digits_repo: Repo, server: Server, producer: Producer, tmp_path: Path
+) -> None:
+    """16 bins (names 0-f) grow to 32 (names 00-1f): the old names stay listed in the
+    snapshot, so a device holding the old snapshot accepts the new one (TUF refuses a
+    snapshot that drops a role the previous one listed)."""
+    _set_max_per_bin(digits_repo.workdir, 1)
+    versions = [f"1.{i}.0" for i in range(5)]
+    digits_repo.publish(
+        *(make_bundle(digits_repo.bundles, producer, "digits", v) for v in versions)
+    )
+    top = _served(digits_repo.workdir, "model-digits")
+    assert top.signed.delegations and top.signed.delegations.succinct_roles
+    assert top.signed.delegations.succinct_roles.number_of_bins == 16
+    device = new_client(server, tmp_path / "dev")
+    assert device.get_targetinfo("models/digits/digits-1.0.0-any.epk") is not None
+    bins = 16
+    while bins == 16 and len(versions) < 40:  # until a bin overflows and the role re-bins
+        versions.append(f"1.{len(versions)}.0")
+        digits_repo.publish(make_bundle(digits_repo.bundles, producer, "digits", versions[-1]))
+        top = _served(digits_repo.workdir, "model-digits")
+        assert top.signed.delegations and top.signed.delegations.succinct_roles
+        bins = top.signed.delegations.succinct_roles.number_of_bins
+    assert bins >= 32
+    again = new_client(server, tmp_path / "dev")  # the same metadata folder, refreshed
+    for version in versions:
+        assert again.get_targetinfo(f"models/digits/digits-{version}-any.epk") is not None

@@ -63,6 +63,8 @@ def test_publish_promote_and_a_device_installs(
         "version": "1.0.0",
         "profile": "raspberry-pi-4",
         "architectures": ["aarch64"],
+        # the payload's files, so a device hashes each while it downloads
+        "payload": [{"path": f.path, "size": f.size} for f in read_info(pi).manifest],
     }
     # the downloaded bytes are the very bundle that was packed
     downloaded = Path(device.download_target(info))
