@@ -239,6 +239,43 @@ def _print_status(report: dict[str, Any]) -> None:
         typer.echo(f"warning: {warning}", err=True)
 
 
+@repo_app.command("log")
+def log_command(
+    workdir: Path = typer.Argument(..., help="The repository."),
+    model: str | None = typer.Option(None, "--model", metavar="M", help="Only this model."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Who did what: every publish, promote, rollout, rollback, revoke and key rotation.
+
+    Rebuilt from the repository's own signed metadata history (every version
+    of every role), each version's signatures checked. A version that fails
+    its check is listed as ``unverified`` and the command exits 4.
+    """
+    entries, verified = repo.audit_log(workdir, model=model)
+    emit([e.to_dict() for e in entries], as_json, lambda: _print_log(entries))
+    if not verified:
+        from edgepack.errors import VerificationError
+
+        bad = [f"{e.role} v{e.role_version}" for e in entries if e.action == "unverified"]
+        raise VerificationError(
+            f"tampering detected: {', '.join(bad)} fail their signature check",
+            hint="restore public/metadata and public/targets from a backup and investigate",
+        )
+
+
+def _print_log(entries: list[repo.LogEntry]) -> None:
+    if not entries:
+        typer.echo("no entries")
+    for e in entries:
+        subject = "/".join(x for x in (e.model, e.channel) if x) or "-"
+        keys = ",".join(k[:12] for k in e.keyids) or "-"
+        versions = ",".join(e.versions) or "-"
+        typer.echo(
+            f"{e.time or '?':<20}  {e.action:<13} {subject:<22} {versions:<12} "
+            f"{e.role} v{e.role_version} by {keys}  {e.detail}"
+        )
+
+
 @repo_app.command("serve")
 def serve_command(
     workdir: Path = typer.Argument(..., help="The repository."),

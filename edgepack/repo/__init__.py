@@ -9,6 +9,7 @@ split into succinct hash bins as it grows. See docs/repository.md.
 
 from edgepack.repo._channels import OPERATOR_PATHS
 from edgepack.repo._keys import PassphraseSource, no_passphrase
+from edgepack.repo._log import LogEntry, audit_log
 from edgepack.repo._models import bundle_target_path, model_role
 from edgepack.repo._ops import (
     Result,
@@ -28,11 +29,13 @@ from edgepack.repo._status import open_status
 
 __all__ = [
     "OPERATOR_PATHS",
+    "LogEntry",
     "PassphraseSource",
     "RepoPaths",
     "Result",
     "Settings",
     "add_model",
+    "audit_log",
     "bundle_target_path",
     "init",
     "make_server",
