@@ -10,11 +10,11 @@ from __future__ import annotations
 import sys
 
 from edgepack._cli_output import new_app, run_cli
-from edgepack.cli import _build, _bundle, _fleet, _hw, _keys, _repo
+from edgepack.cli import _audit, _build, _bundle, _fleet, _hw, _keys, _repo
 
 app = new_app("edgepack", "Build, sign, encrypt and publish ML models for edge fleets.")
 
-for _module in (_keys, _bundle, _build, _hw, _repo, _fleet):
+for _module in (_keys, _bundle, _build, _hw, _repo, _fleet, _audit):
     _module.register(app)
 
 
