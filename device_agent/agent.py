@@ -432,6 +432,9 @@ class Agent:
                 raise tuf_exc.DownloadError(
                     f"{info.path}: {exc}; the download is discarded"
                 ) from exc
+            finally:
+                if check is not None:
+                    check.close()  # its hashing thread, also when the download was cut
             log.info("%s: downloaded %s; its TUF length and hashes match", name, info.path)
         else:
             self._check_space(0, unpacked)
